@@ -1,0 +1,138 @@
+"""The ``lors`` command line: a thin layer that parses arguments and calls the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import LorsError
+
+
+def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
+    pairs = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise LorsError(f"{flag} expects NAME=VALUE, got {item!r}")
+        pairs[key] = value
+    return pairs
+
+
+def _merge_config(args: argparse.Namespace):
+    from .merging import load_config, validate_config
+    raw: dict = {}
+    if args.config:
+        raw = load_config(Path(args.config)).model_dump(by_alias=True, exclude_unset=True)
+    if args.base:
+        raw["base"] = args.base
+    weights = {k: float(v) for k, v in _pairs(args.weight, "--weight").items()}
+    if args.expert:
+        raw["experts"] = [{"name": n, "path": p, "weight": weights.get(n, 1.0)}
+                          for n, p in _pairs(args.expert, "--expert").items()]
+    elif weights:
+        for expert in raw.get("experts", []):
+            expert["weight"] = weights.get(expert["name"], expert.get("weight", 1.0))
+    if args.method:
+        raw["method"] = args.method
+    params = dict(raw.get("parameters", {}))
+    for key in ("rank", "rank_ratio", "keep", "seed", "scope", "svd", "dare_combine"):
+        if getattr(args, key) is not None:
+            params[key] = getattr(args, key)
+    if args.lambda_ is not None:
+        params["lambda"] = args.lambda_
+    raw["parameters"] = params
+    raw["groups"] = {**raw.get("groups", {}), **_pairs(args.group, "--group")}
+    if args.dtype:
+        raw["dtype"] = args.dtype
+    if args.shard_size_mb:
+        raw["shard_size_mb"] = args.shard_size_mb
+    if "method" not in raw:
+        raise LorsError("no merge method given: pass --method (see `lors methods`) or a CONFIG.yaml")
+    return validate_config(raw, source=args.config or "command line")
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .merging import merge, plan_merge
+    config = _merge_config(args)
+    if args.dry_run:
+        plan = plan_merge(config)
+        print(json.dumps(plan.resolved_config(), indent=2))
+        print(f"\n{'group':<24}{'op':<18}{'tensors':>8}{'parameters':>14}")
+        for group, row in plan.group_counts.items():
+            print(f"{group:<24}{row['op']:<18}{row['tensors']:>8}{row['parameters']:>14,}")
+        print("\ndry run: nothing written")
+        return 0
+    if not args.out:
+        raise LorsError("--out DIR is required (or pass --dry-run)")
+    from tqdm import tqdm
+    with tqdm(total=None, unit="tensor", desc="merging", disable=args.quiet) as bar:
+        def progress(done: int, total: int, name: str) -> None:
+            bar.total = total
+            bar.update(1)
+        report = merge(config, Path(args.out), force=args.force,
+                       diagnostics=not args.no_diagnostics, progress=progress)
+    print(f"merged {len(config.experts)} expert(s) with {report['resolved_config']['method']} "
+          f"in {report['seconds']:.1f} s -> {args.out} (report: {args.out}/merge_report.json)")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .merging.groups import GROUPS
+    from .merging.methods import METHODS
+    for name, spec in METHODS.items():
+        print(f"{name:<16}{spec.summary}\n{'':<16}defaults {spec.defaults}, lambda "
+              f"{spec.default_lambda}; 2-D attn/FFN -> {spec.matrix_op}, other -> {spec.other_op}")
+    print("\ngroups: " + ", ".join(GROUPS))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lors", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    m = commands.add_parser("merge", help="merge fine-tuned Whisper experts into one model")
+    m.add_argument("config", nargs="?", help="YAML merge config (flags override its values)")
+    m.add_argument("--base", help="base model: path, hub id, or 'base' (default: embedded base)")
+    m.add_argument("--expert", action="append", metavar="NAME=PATH", help="repeat per expert")
+    m.add_argument("--weight", action="append", metavar="NAME=W", help="per-expert weight")
+    m.add_argument("--method", help="merge method (see `lors methods`)")
+    m.add_argument("--rank", type=int, help="rank r of the low-rank part (lors, svd)")
+    m.add_argument("--rank-ratio", dest="rank_ratio", type=float, help="rank as a fraction of min(m, n)")
+    m.add_argument("--keep", type=float, help="fraction of entries kept (lors residual, ties, magnitude, dare)")
+    m.add_argument("--lambda", dest="lambda_", type=float, help="scale of the merged task vector")
+    m.add_argument("--seed", type=int, help="seed for DARE and randomized SVD")
+    m.add_argument("--scope", choices=["tensor", "global"], help="top-k scope (ties, magnitude)")
+    m.add_argument("--svd", choices=["randomized", "exact"], help="SVD algorithm for rank-r parts")
+    m.add_argument("--dare-combine", dest="dare_combine", choices=["linear", "ties"])
+    m.add_argument("--group", action="append", metavar="GROUP=OP", help="per-group op override")
+    m.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
+    m.add_argument("--shard-size-mb", dest="shard_size_mb", type=int)
+    m.add_argument("--out", help="output directory (must not exist unless --force)")
+    m.add_argument("--force", action="store_true", help="replace an existing output directory")
+    m.add_argument("--dry-run", dest="dry_run", action="store_true",
+                   help="print the resolved config and per-group matches; write nothing")
+    m.add_argument("--no-diagnostics", dest="no_diagnostics", action="store_true")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.set_defaults(func=cmd_merge)
+
+    methods = commands.add_parser("methods", help="list merge methods, defaults and groups")
+    methods.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LorsError as exc:
+        print(f"lors: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lors: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Per-tensor, per-layer and whole-model diagnostics of the experts' task vectors.
+
+Collected while merging, written to ``merge_report.json``: task-vector norms, pairwise cosine
+between experts (interference), sign-conflict rate, and what the op recorded (energy kept by
+the rank-r part, density of the kept residual).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+SIGN_SAMPLE = 1 << 20  # sign conflicts are estimated on at most this many strided entries
+
+
+def sign_conflict_rate(taus: Sequence[Tensor]) -> float:
+    """Among entries nonzero in at least two experts, the fraction whose signs disagree.
+
+    Estimated on an evenly strided sample of at most 2**20 entries per tensor.
+    """
+    step = max(1, taus[0].numel() // SIGN_SAMPLE)
+    sample = torch.stack([t.reshape(-1)[::step] for t in taus])
+    positive = (sample > 0).sum(dim=0)
+    negative = (sample < 0).sum(dim=0)
+    shared = int(torch.count_nonzero(positive + negative >= 2))
+    if shared == 0:
+        return 0.0
+    return int(torch.count_nonzero((positive > 0) & (negative > 0))) / shared
+
+
+def gram(taus: Sequence[Tensor]) -> Tensor:
+    """T x T matrix of dot products <tau_i, tau_j> in float64."""
+    flat = torch.stack([t.reshape(-1) for t in taus])
+    return (flat @ flat.T).double()
+
+
+def cosine_from_gram(g: Tensor) -> list[list[float]]:
+    norms = g.diagonal().clamp(min=0).sqrt()
+    denom = torch.outer(norms, norms)
+    cos = torch.where(denom > 0, g / denom.clamp(min=1e-300), torch.zeros_like(g))
+    return [[round(float(v), 6) for v in row] for row in cos]
+
+
+class Diagnostics:
+    """Accumulates diagnostics tensor by tensor; ``summary`` gives the report section."""
+
+    def __init__(self, expert_names: Sequence[str]):
+        self.names = list(expert_names)
+        self.tensors: list[dict] = []
+        self.layer_gram: dict[str, Tensor] = defaultdict(lambda: torch.zeros(len(self.names),
+                                                                            len(self.names),
+                                                                            dtype=torch.float64))
+        self.model_gram = torch.zeros(len(self.names), len(self.names), dtype=torch.float64)
+
+    def add(self, name: str, layer: str, group: str, op: str, taus: Sequence[Tensor],
+            op_stats: dict) -> None:
+        g = gram(taus)
+        self.layer_gram[layer] += g
+        self.model_gram += g
+        record = {
+            "name": name, "layer": layer, "group": group, "op": op,
+            "task_vector_norms": [round(float(v), 6) for v in g.diagonal().clamp(min=0).sqrt()],
+            "sign_conflict_rate": round(sign_conflict_rate(taus), 6) if len(taus) > 1 else 0.0,
+        }
+        for key, values in op_stats.items():
+            record[key] = [round(float(v), 6) for v in values]
+        if len(taus) > 1:
+            record["cosine"] = cosine_from_gram(g)
+        self.tensors.append(record)
+
+    def summary(self) -> dict:
+        return {
+            "experts": self.names,
+            "model": {
+                "task_vector_norms": dict(zip(self.names, (round(float(v), 6) for v in
+                                                           self.model_gram.diagonal().sqrt()))),
+                "cosine": cosine_from_gram(self.model_gram),
+            },
+            "layers": {layer: {"task_vector_norms": [round(float(v), 6)
+                                                     for v in g.diagonal().sqrt()],
+                               "cosine": cosine_from_gram(g)}
+                       for layer, g in self.layer_gram.items()},
+            "tensors": self.tensors,
+        }

@@ -1,0 +1,170 @@
+"""Pure tensor functions that every merge method is built from.
+
+Each takes and returns float32 tensors and states its exact semantics. None of them touches
+files, names or configuration: that is the engine's business.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def kth_largest(values: Tensor, k: int) -> Tensor:
+    """The k-th largest entry of ``values`` (any shape), 1 <= k <= numel, as a 0-d tensor.
+
+    Exact. A fast path brackets the answer from an evenly strided sample of 2**16 entries and
+    runs ``kthvalue`` only on the entries inside the bracket; when the bracket misses (rare:
+    heavily tied or adversarial data) it falls back to ``kthvalue`` on everything. Never sorts.
+    """
+    flat = values.reshape(-1)
+    n = flat.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} outside 1..{n}")
+    if n <= 1 << 17:
+        return flat.kthvalue(n - k + 1).values
+    sample = flat[:: n // (1 << 16)]
+    m = sample.numel()
+    quantile = 1.0 - k / n
+    slack = 4.0 / m ** 0.5  # about 16 standard deviations of the sample quantile
+    lo = sample.kthvalue(max(1, int((quantile - slack) * m))).values
+    hi = sample.kthvalue(min(m, int((quantile + slack) * m) + 1)).values
+    above = int(torch.count_nonzero(flat > hi))
+    inside = flat[(flat > lo) & (flat <= hi)]
+    need = k - above
+    if 1 <= need <= inside.numel():
+        return inside.kthvalue(inside.numel() - need + 1).values
+    return flat.kthvalue(n - k + 1).values
+
+
+def magnitude_mask(x: Tensor, keep: float) -> Tensor:
+    """Boolean mask of the k = floor(keep * numel) entries of ``x`` with the largest |value|.
+
+    Entries tied with the k-th largest magnitude are all kept (so exactly k when there are no
+    ties); keep <= 0 keeps nothing, keep >= 1 keeps everything.
+    """
+    k = int(keep * x.numel())
+    if k <= 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    if k >= x.numel():
+        return torch.ones_like(x, dtype=torch.bool)
+    magnitude = x.abs()
+    return magnitude >= kth_largest(magnitude, k)
+
+
+def magnitude_prune(x: Tensor, keep: float) -> Tensor:
+    """``x`` with all but its top-``keep`` fraction of entries by magnitude set to zero."""
+    return x * magnitude_mask(x, keep)
+
+
+def truncated_svd(x: Tensor, rank: int, *, exact: bool = False, oversample: int = 10,
+                  niter: int = 2, generator: torch.Generator | None = None
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """The top-``rank`` singular triplets (U [m,r], S [r], Vh [r,n]) of a 2-D ``x``.
+
+    ``exact`` uses a full ``torch.linalg.svd``. Otherwise a randomized range finder with a
+    Gaussian sketch of q = rank + oversample columns and ``niter`` power iterations
+    (Halko, Martinsson & Tropp 2011). Its error is bounded in expectation: with niter = 0,
+    E||x - QQ^T x||_F <= sqrt(1 + rank / (oversample - 1)) * sqrt(sum_{j>rank} s_j^2), i.e.
+    within a factor sqrt(1 + r/(p-1)) of the best rank-r error; each power iteration shrinks
+    the excess further. When q reaches min(m, n) the exact path is taken.
+    """
+    m, n = x.shape
+    rank = max(0, min(rank, m, n))
+    sketch = rank + oversample
+    if exact or sketch >= min(m, n):
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank]
+    omega = torch.randn(n, sketch, generator=generator, dtype=x.dtype)
+    q, _ = torch.linalg.qr(x @ omega)
+    for _ in range(niter):  # power iterations, re-orthonormalised each half step for stability
+        z, _ = torch.linalg.qr(x.T @ q)
+        q, _ = torch.linalg.qr(x @ z)
+    u_small, s, vh = torch.linalg.svd(q.T @ x, full_matrices=False)
+    return (q @ u_small[:, :rank]), s[:rank], vh[:rank]
+
+
+def low_rank_approx(x: Tensor, rank: int, **svd_options) -> Tensor:
+    """Rank-``rank`` truncation U_r diag(S_r) V_r^T of a 2-D ``x`` (the "svd" ablation)."""
+    u, s, vh = truncated_svd(x, rank, **svd_options)
+    return (u * s) @ vh
+
+
+def lors_prune(x: Tensor, rank: int, keep: float, **svd_options) -> Tensor:
+    """LoRS-Merging's pruned task vector of one matrix: L + top-k(R).
+
+    L = rank-``rank`` truncation of ``x``; R = x - L; the k = floor(keep * numel) entries of R
+    with the largest |value| are kept and the rest zeroed (no sign election, no rescaling).
+    """
+    low_rank = low_rank_approx(x, rank, **svd_options)
+    residual = x - low_rank
+    return low_rank.add_(magnitude_prune(residual, keep))
+
+
+def dare_drop(x: Tensor, keep: float, generator: torch.Generator | None = None) -> Tensor:
+    """DARE: keep each entry independently with probability ``keep``, rescale survivors by 1/keep."""
+    if keep >= 1.0:
+        return x.clone()
+    if keep <= 0.0:
+        return torch.zeros_like(x)
+    survivors = torch.bernoulli(torch.full_like(x, keep), generator=generator)
+    return x * survivors / keep
+
+
+def elect_sign(stacked: Tensor) -> Tensor:
+    """TIES sign election by mass: +1 where the sum over experts (dim 0) is >= 0, else -1."""
+    return torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0).to(stacked.dtype)
+
+
+def disjoint_mean(stacked: Tensor, sign: Tensor) -> Tensor:
+    """Mean over experts (dim 0) of only the entries whose sign equals ``sign``.
+
+    Zero entries never count; where no expert agrees the result is 0.
+    """
+    agrees = torch.sign(stacked) == sign
+    total = (stacked * agrees).sum(dim=0)
+    return total / agrees.sum(dim=0).clamp(min=1)
+
+
+def weighted_sum(stacked: Tensor, weights: Sequence[float]) -> Tensor:
+    """sum_i weights[i] * stacked[i] over dim 0."""
+    w = torch.tensor(list(weights), dtype=stacked.dtype).reshape(-1, *([1] * (stacked.dim() - 1)))
+    return (stacked * w).sum(dim=0)
+
+
+def orthogonalise(x: Tensor) -> Tensor:
+    """The nearest matrix with orthonormal columns (Procrustes): P Q^T where x = P S Q^T."""
+    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    return p @ qh
+
+
+def tsv_combine(task_matrices: Sequence[Tensor]) -> Tensor:
+    """TSV-Merge of T task matrices of one layer (Gargiulo et al. 2025).
+
+    Each task keeps its top k = max(1, floor(min(m, n) / T)) singular triplets; the U and V
+    blocks are concatenated, each orthogonalised (Procrustes), and the layer is rebuilt as
+    U_perp diag(S_cat) V_perp^T.
+    """
+    count = len(task_matrices)
+    m, n = task_matrices[0].shape
+    k = max(1, min(m, n) // count)
+    us, ss, vs = [], [], []
+    for matrix in task_matrices:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        us.append(u[:, :k])
+        ss.append(s[:k])
+        vs.append(vh[:k].T)
+    u_perp = orthogonalise(torch.cat(us, dim=1))
+    v_perp = orthogonalise(torch.cat(vs, dim=1))
+    return (u_perp * torch.cat(ss)) @ v_perp.T
+
+
+def iso_c_combine(summed: Tensor) -> Tensor:
+    """Iso-C (Marczak et al. 2025): U diag(mean(S)) V^T of the summed task matrix.
+
+    Every singular value of sum_i tau_i is replaced by their mean (an isotropic spectrum).
+    """
+    u, s, vh = torch.linalg.svd(summed, full_matrices=False)
+    return (u * s.mean()) @ vh
