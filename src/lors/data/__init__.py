@@ -1,0 +1,1 @@
+"""Data for lors experiments: sentence bank, synthetic speech, manifests, audio and corpus loaders."""
