@@ -66,13 +66,22 @@ def cmd_merge(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise LorsError("--out DIR is required (or pass --dry-run)")
-    from tqdm import tqdm
-    with tqdm(total=None, unit="tensor", desc="merging", disable=args.quiet) as bar:
-        def progress(done: int, total: int, name: str) -> None:
-            bar.total = total
+    bar = None
+
+    def progress(done: int, total: int, name: str) -> None:
+        nonlocal bar  # created on the first tensor, after every check has passed
+        if bar is None and not args.quiet:
+            from tqdm import tqdm
+            bar = tqdm(total=total, unit="tensor", desc="merging")
+        if bar is not None:
             bar.update(1)
+
+    try:
         report = merge(config, Path(args.out), force=args.force,
                        diagnostics=not args.no_diagnostics, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
     print(f"merged {len(config.experts)} expert(s) with {report['resolved_config']['method']} "
           f"in {report['seconds']:.1f} s -> {args.out} (report: {args.out}/merge_report.json)")
     return 0
@@ -108,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dare-combine", dest="dare_combine", choices=["linear", "ties"])
     m.add_argument("--group", action="append", metavar="GROUP=OP", help="per-group op override")
     m.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
-    m.add_argument("--shard-size-mb", dest="shard_size_mb", type=int)
+    m.add_argument("--shard-size-mb", dest="shard_size_mb", type=float)
     m.add_argument("--out", help="output directory (must not exist unless --force)")
     m.add_argument("--force", action="store_true", help="replace an existing output directory")
     m.add_argument("--dry-run", dest="dry_run", action="store_true",

@@ -90,7 +90,7 @@ def canonical_hf_name(name: str) -> str:
 
 
 def openai_dims_to_config(dims: dict) -> dict:
-    """A WhisperConfig dict from openai ModelDimensions (FFN width is 4 x d_model there)."""
+    """A WhisperConfig dict from openai ModelDimensions (FFN width 4 x d_model, as openai builds it)."""
     config = {hf: int(dims[key]) for key, hf in OPENAI_DIMS_TO_HF.items() if key in dims}
     d_model = config.get("d_model", int(dims.get("n_text_state", 0)))
     config.update(encoder_ffn_dim=4 * d_model, decoder_ffn_dim=4 * d_model,

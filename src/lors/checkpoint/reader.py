@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,7 +145,9 @@ def _open_safetensors(source: str, config: dict, files: list[Path], folder: Path
 def _safe_torch_load(path: Path) -> dict:
     """torch.load that refuses pickles needing code execution (weights_only=True)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=path.suffix == ".bin")
+        # mmap only works (and only helps) for the zip format that torch.save writes today
+        return torch.load(path, map_location="cpu", weights_only=True,
+                          mmap=zipfile.is_zipfile(path))
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
         if "weights_only" in str(exc) or isinstance(exc, pickle.UnpicklingError):
             raise CheckpointError(
@@ -178,6 +181,10 @@ def _open_openai(path: Path) -> Checkpoint:
                                   "counterpart; is this a Whisper checkpoint?")
         tensors[hf_name] = tensor
     config = openai_dims_to_config(payload["dims"])
+    for side in ("encoder", "decoder"):  # read FFN widths off the tensors, not assumed 4 x d
+        fc1 = tensors.get(f"model.{side}.layers.0.fc1.weight")
+        if fc1 is not None:
+            config[f"{side}_ffn_dim"] = int(fc1.shape[0])
     folder = path.parent if (path.parent / "tokenizer_config.json").is_file() else None
     return _from_state_dict(str(path), "openai_pt", config, tensors, [path], folder)
 

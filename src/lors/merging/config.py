@@ -66,7 +66,7 @@ class MergeConfig(BaseModel):
     parameters: MergeParameters = MergeParameters()
     groups: dict[str, str] = {}
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    shard_size_mb: int = Field(default=2000, ge=1)
+    shard_size_mb: float = Field(default=2000, gt=0)
 
     @field_validator("method")
     @classmethod

@@ -139,7 +139,7 @@ def merge(config: MergeConfig, out: Path, *, force: bool = False, diagnostics: b
     with atomic_directory(out, force=force) as folder:
         writer = ShardedModelWriter(folder, float_specs([e.name for e in plan.entries],
                                                         plan.base.meta, dtype),
-                                    config.shard_size_mb * 1_000_000)
+                                    int(config.shard_size_mb * 1_000_000))
         for done, entry in enumerate(plan.entries):
             writer.write(entry.name, _merge_one(plan, entry, dtype, thresholds, stats))
             if progress:

@@ -1,0 +1,154 @@
+"""espeak-ng synthesis end to end on a tiny sentence bank written by the test.
+
+Needs the ``espeak-ng`` binary: skipped where it is absent, except in CI (``CI`` set),
+where a missing espeak-ng is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from lors.data import synth
+from lors.data.audio import is_valid_wav
+from lors.data.manifest import read_manifest
+from lors.data.sentences import SPLITS, select
+from lors.errors import LorsError
+
+COLUMNS = ("sid", "en", "ca", "de", "es", "fr", "it", "id", "nl", "pt", "ru", "sv")
+TEMPLATES = {
+    "en": "It's a fine day, said {name}.",
+    "ca": "Fa un bon dia, va dir {name}.",
+    "de": "Es ist ein schöner Tag, sagte {name}.",
+    "es": "Hace un buen día, dijo {name}.",
+    "fr": "C'est une belle journée, a dit {name}.",
+    "it": "È una bella giornata, disse {name}.",
+    "id": "Hari yang indah, kata {name}.",
+    "nl": "Het is een mooie dag, zei {name}.",
+    "pt": "Está um belo dia, disse {name}.",
+    "ru": "Прекрасный день, сказал {name}.",
+    "sv": "Det är en fin dag, sa {name}.",
+}
+NAMES = ("Anna", "Boris", "Clara", "David", "Elena", "Felix", "Greta", "Hugo", "Ida", "Jonas",
+         "Karin", "Lukas", "Maria", "Nils", "Olga", "Pablo", "Rita", "Simon", "Tina", "Ugo",
+         "Vera", "Walter", "Xenia", "Yusuf", "Zoe", "Adam", "Bruno", "Carla", "Dora", "Emil")
+
+
+def _need_espeak() -> None:
+    if shutil.which("espeak-ng") is None:
+        if os.environ.get("CI"):
+            pytest.fail("espeak-ng is required in CI: apt-get install espeak-ng")
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+
+
+@pytest.fixture()
+def bank(tmp_path) -> Path:
+    """A bank of len(NAMES) sentences in the real bank's TSV format."""
+    folder = tmp_path / "bank"
+    folder.mkdir()
+    lines = ["\t".join(COLUMNS)]
+    for i, name in enumerate(NAMES):
+        texts = [TEMPLATES[lang].format(name=name) for lang in COLUMNS[1:]]
+        lines.append("\t".join([f"t{i:03d}", *texts]))
+    (folder / "sentences-1.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def _voice_variant(voice: str) -> str:
+    return voice.split()[0].split("+")[1]
+
+
+@pytest.mark.slow
+def test_synthesize_renders_wavs_and_manifest(bank, tmp_path):
+    _need_espeak()
+    out = tmp_path / "synth"
+    langs = ["de", "ru"]
+    sentences = select(langs, list(SPLITS), limit_per_split=2, bank_dir=bank)
+    splits = {s.split for s in sentences}
+    assert "train" in splits and splits & {"dev", "test"}, \
+        "the test bank must give both train and held-out sentences"
+    manifest = synth.synthesize(",".join(langs), SPLITS, out, limit_per_split=2, jobs=2,
+                                bank_dir=bank, show_progress=False)
+    assert manifest == out / "manifest.jsonl"
+    utts = read_manifest(manifest)
+    # one utterance per (language, sentence), languages in the order given
+    assert [(u.language, u.split, Path(u.audio).stem) for u in utts] == \
+        [(lang, s.split, s.sid) for lang in langs for s in sentences]
+    for utt, sentence in zip(utts, sentences * len(langs)):
+        assert utt.id == f"{utt.language}-{utt.split}-{sentence.sid}"
+        assert utt.audio == str(out / utt.language / utt.split / f"{sentence.sid}.wav")
+        assert utt.transcript == sentence.text(utt.language)
+        assert utt.translation == sentence.text("en")
+        info = sf.info(utt.audio)
+        assert (info.samplerate, info.channels) == (16000, 1) and is_valid_wav(utt.audio)
+        assert utt.duration == pytest.approx(info.frames / 16000) and utt.duration > 0.5
+        voice, rate, pitch, gap = utt.voice.split()
+        assert voice.startswith(synth.ESPEAK_VOICES[utt.language] + "+")
+        assert 120 <= int(rate[1:]) <= 150 and 35 <= int(pitch[1:]) <= 65
+        assert 3 <= int(gap[1:]) <= 5
+    train = {_voice_variant(u.voice) for u in utts if u.split == "train"}
+    heldout = {_voice_variant(u.voice) for u in utts if u.split != "train"}
+    assert train and heldout and not train & heldout
+
+
+def test_voice_plan_is_deterministic_and_splits_are_disjoint():
+    train = {synth.voice_plan(f"s{i}", lang, "train").voice
+             for i in range(200) for lang in ("de", "fr")}
+    heldout = {synth.voice_plan(f"s{i}", lang, split).voice
+               for i in range(200) for lang in ("de", "fr") for split in ("dev", "test")}
+    variants = lambda voices: {v.split("+")[1] for v in voices}  # noqa: E731
+    assert variants(train) == set(synth.TRAIN_VARIANTS)
+    assert variants(heldout) == set(synth.HELDOUT_VARIANTS)
+    assert synth.voice_plan("s7", "fr", "dev") == synth.voice_plan("s7", "fr", "dev")
+    plan = synth.voice_plan("s7", "fr", "dev")
+    assert plan.label == f"{plan.voice} s{plan.rate} p{plan.pitch} g{plan.gap}"
+    assert plan.voice.startswith("fr-fr+")
+
+
+@pytest.mark.slow
+def test_rerun_is_idempotent_and_repairs_truncated_wavs(bank, tmp_path):
+    _need_espeak()
+    out = tmp_path / "synth"
+    kwargs = dict(limit_per_split=2, jobs=2, bank_dir=bank, show_progress=False)
+    first = read_manifest(synth.synthesize(["fr"], ["train", "dev", "test"], out, **kwargs))
+    stamps = {u.audio: os.stat(u.audio).st_mtime_ns for u in first}
+    assert read_manifest(synth.synthesize(["fr"], ["train", "dev", "test"], out,
+                                          **kwargs)) == first
+    assert {u.audio: os.stat(u.audio).st_mtime_ns for u in first} == stamps
+
+    victim = Path(first[0].audio)
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])  # as if killed mid-write without atomicity
+    stale = victim.parent / f".{victim.name}.tmp-abc123"
+    stale.write_bytes(b"partial")  # what a killed atomic write leaves behind
+    assert not is_valid_wav(victim)
+    again = read_manifest(synth.synthesize(["fr"], ["train", "dev", "test"], out, **kwargs))
+    assert again == first  # same duration: deterministic voice and text
+    assert victim.read_bytes() == data and not stale.exists()
+    assert {u.audio: os.stat(u.audio).st_mtime_ns for u in first[1:]} == \
+        {a: t for a, t in stamps.items() if a != str(victim)}
+
+
+def test_bad_language_or_split_fails_before_writing(bank, tmp_path):
+    out = tmp_path / "synth"
+    with pytest.raises(LorsError, match=r"'xx'.*supported: ca, de, en, es, fr"):
+        synth.synthesize(["de", "xx"], ["test"], out, bank_dir=bank, show_progress=False)
+    with pytest.raises(LorsError, match="unknown split"):
+        synth.synthesize(["de"], ["validation"], out, bank_dir=bank, show_progress=False)
+    with pytest.raises(LorsError, match="no languages"):
+        synth.synthesize(" , ", ["test"], out, bank_dir=bank, show_progress=False)
+    assert not out.exists()
+
+
+def test_missing_espeak_gives_install_command(bank, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    with pytest.raises(LorsError, match=r"apt-get install espeak-ng"):
+        synth.check_espeak()
+    out = tmp_path / "synth"
+    with pytest.raises(LorsError, match=r"sudo apt-get install espeak-ng"):
+        synth.synthesize(["de"], ["test"], out, bank_dir=bank, show_progress=False)
+    assert not out.exists()
