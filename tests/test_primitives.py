@@ -24,7 +24,7 @@ def test_kth_largest_matches_sort(n, k):
     assert P.kth_largest(x, k) == expected
 
 
-def test_kth_largest_with_heavy_ties_falls_back_exactly():
+def test_kth_largest_with_heavy_ties():
     x = torch.cat([torch.zeros(200_000), torch.ones(100_000), torch.arange(1000.0)])
     for k in (1, 500, 1000, 50_000, 250_000):
         assert P.kth_largest(x, k) == torch.sort(x, descending=True).values[k - 1]
@@ -51,16 +51,25 @@ def test_exact_truncated_svd_is_best_rank_r(shape):
     assert torch.allclose(P.low_rank_approx(x, 5, exact=True), reference, atol=1e-5)
 
 
-def test_randomized_svd_error_within_stated_bound():
-    # On a 1/i spectrum the rank-7 part from the default sketch (q = 17, 2 power iterations)
-    # must be within 1% (relative Frobenius) of the exact rank-7 part.
-    x = decaying(256, 768, seed=1)
+@pytest.mark.parametrize("decay", [0.3, 0.5, 1.0])
+def test_randomized_svd_error_within_stated_bound(decay):
+    # Stated bound: with the default sketch (p = 10, 2 power iterations) the rank-7 part's
+    # error ||x - L|| is within 0.2% of the optimum, and always within the HMT factor.
+    x = decaying(256, 768, seed=1, decay=decay)
     exact = P.low_rank_approx(x, 7, exact=True)
     approx = P.low_rank_approx(x, 7, generator=torch.Generator().manual_seed(0))
-    assert torch.linalg.norm(approx - exact) / torch.linalg.norm(exact) < 0.01
-    # and its error against x is within the HMT factor sqrt(1 + r/(p-1)) of the optimum
-    bound = (1 + 7 / (10 - 1)) ** 0.5 * torch.linalg.norm(x - exact)
-    assert torch.linalg.norm(x - approx) <= bound
+    optimum = torch.linalg.norm(x - exact)
+    assert torch.linalg.norm(x - approx) <= 1.002 * optimum
+    assert torch.linalg.norm(x - approx) <= (1 + 7 / (10 - 1)) ** 0.5 * optimum
+
+
+def test_randomized_svd_factors_are_consistent():
+    x = decaying(120, 300, seed=2)
+    u, s, vh = P.truncated_svd(x, 5, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(u.T @ u, torch.eye(5), atol=1e-4)
+    assert torch.allclose(vh @ vh.T, torch.eye(5), atol=1e-4)
+    assert torch.allclose(s, torch.linalg.svdvals(x)[:5], rtol=1e-3)
+    assert P.truncated_svd(torch.zeros(10, 20), 3)[1].abs().max() == 0
 
 
 def lors_reference(x: torch.Tensor, rank: int, keep: float) -> torch.Tensor:
@@ -81,12 +90,16 @@ def test_lors_exact_equals_full_svd_reference():
     assert torch.allclose(ours, lors_reference(x, 7, 0.2), atol=1e-5)
 
 
-def test_lors_randomized_close_to_full_svd_reference():
-    # Stated tolerance: relative Frobenius error below 1e-2 on a 1/i spectrum.
-    x = decaying(256, 512, seed=4)
+@pytest.mark.parametrize("decay", [0.5, 1.0])
+def test_lors_randomized_prunes_as_well_as_full_svd_reference(decay):
+    # Near-equal singular values make the rank-7 subspace (and so individual entries)
+    # ill-determined; what must hold is that the randomized LoRS discards no more of the task
+    # vector than the exact one, within 0.2%.
+    x = decaying(256, 512, seed=4, decay=decay)
     ours = P.lors_prune(x, 7, 0.2, generator=torch.Generator().manual_seed(0))
     reference = lors_reference(x, 7, 0.2)
-    assert torch.linalg.norm(ours - reference) / torch.linalg.norm(reference) < 1e-2
+    assert torch.linalg.norm(x - ours) <= 1.002 * torch.linalg.norm(x - reference)
+    assert int(torch.count_nonzero(ours - P.low_rank_approx(x, 7, generator=torch.Generator().manual_seed(0)))) <= int(0.2 * x.numel()) + 1
 
 
 def test_dare_drop_matches_peft_with_same_seed():

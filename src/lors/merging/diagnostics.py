@@ -13,13 +13,13 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-SIGN_SAMPLE = 1 << 20  # sign conflicts are estimated on at most this many strided entries
+SIGN_SAMPLE = 1 << 16  # sign conflicts are estimated on at most this many strided entries
 
 
 def sign_conflict_rate(taus: Sequence[Tensor]) -> float:
     """Among entries nonzero in at least two experts, the fraction whose signs disagree.
 
-    Estimated on an evenly strided sample of at most 2**20 entries per tensor.
+    Estimated on an evenly strided sample of at most 2**16 entries per tensor.
     """
     step = max(1, taus[0].numel() // SIGN_SAMPLE)
     sample = torch.stack([t.reshape(-1)[::step] for t in taus])
@@ -32,9 +32,13 @@ def sign_conflict_rate(taus: Sequence[Tensor]) -> float:
 
 
 def gram(taus: Sequence[Tensor]) -> Tensor:
-    """T x T matrix of dot products <tau_i, tau_j> in float64."""
-    flat = torch.stack([t.reshape(-1) for t in taus])
-    return (flat @ flat.T).double()
+    """T x T matrix of dot products <tau_i, tau_j> in float64 (no stacked copy of the taus)."""
+    flats = [t.reshape(-1) for t in taus]
+    g = torch.zeros(len(flats), len(flats), dtype=torch.float64)
+    for i, a in enumerate(flats):
+        for j in range(i, len(flats)):
+            g[i, j] = g[j, i] = float(torch.dot(a, flats[j]))
+    return g
 
 
 def cosine_from_gram(g: Tensor) -> list[list[float]]:

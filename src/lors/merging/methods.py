@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -45,18 +46,23 @@ Sparsify = Callable[[int, Tensor, OpContext], Tensor]
 
 def sparsify_elect_combine(taus: Sequence[Tensor], ctx: OpContext, sparsify: Sparsify | None,
                            elect: bool, scale: float) -> Tensor:
-    """scale * combine_i(w_i * sparsify(tau_i)); combine = sum, or TIES' elected disjoint mean."""
-    # Each pruned tensor is fresh (w * ...), so summing into the first one in place is safe;
-    # a generator keeps at most two of them alive for the plain sum.
-    pruned = (w * (sparsify(i, t, ctx) if sparsify else t)
-              for i, (t, w) in enumerate(zip(taus, ctx.weights)))
+    """scale * combine_i(w_i * sparsify(tau_i)); combine = sum, or TIES' elected disjoint mean.
+
+    The inputs are never modified. With elect, the sign is elected on the weighted values, so
+    an expert's weight is also its say in the election.
+    """
+    parts = (sparsify(i, t, ctx) if sparsify else t for i, t in enumerate(taus))
     if elect:
-        stacked = torch.stack(list(pruned))
+        stacked = torch.stack(list(parts))
+        stacked *= torch.tensor(list(ctx.weights)).reshape(-1, *([1] * (stacked.dim() - 1)))
         return P.disjoint_mean(stacked, P.elect_sign(stacked)).mul_(scale)
-    merged = next(pruned)
-    for extra in pruned:
-        merged.add_(extra)
-    return merged.mul_(scale)
+    merged = None
+    for part, tau, weight in zip(parts, taus, ctx.weights):
+        if merged is None:  # the first part becomes the accumulator; never an input tensor
+            merged = part * (weight * scale) if part is tau else part.mul_(weight * scale)
+        else:
+            merged.add_(part, alpha=weight * scale)
+    return merged
 
 
 def _magnitude(i: int, tau: Tensor, ctx: OpContext) -> Tensor:
@@ -66,27 +72,33 @@ def _magnitude(i: int, tau: Tensor, ctx: OpContext) -> Tensor:
 
 
 def _low_rank(i: int, tau: Tensor, ctx: OpContext) -> Tensor:
-    low = P.low_rank_approx(tau, ctx.rank_for(tau.shape), **ctx.svd_options(i))
-    ctx.stats.setdefault("energy_kept_low_rank", []).append(_energy_ratio(low, tau))
-    return low
+    u, s, vh = P.truncated_svd(tau, ctx.rank_for(tau.shape), **ctx.svd_options(i))
+    _record_energy(ctx, s, tau)
+    return (u * s) @ vh
 
 
 def _lors(i: int, tau: Tensor, ctx: OpContext) -> Tensor:
-    low = P.low_rank_approx(tau, ctx.rank_for(tau.shape), **ctx.svd_options(i))
-    kept_residual = P.magnitude_prune(tau - low, ctx.params["keep"])
-    ctx.stats.setdefault("energy_kept_low_rank", []).append(_energy_ratio(low, tau))
+    u, s, vh = P.truncated_svd(tau, ctx.rank_for(tau.shape), **ctx.svd_options(i))
+    low = (u * s) @ vh
+    residual = torch.sub(tau, low)
+    kept = P.magnitude_mask(residual, ctx.params["keep"])
+    residual.mul_(kept)
+    _record_energy(ctx, s, tau)
     ctx.stats.setdefault("residual_density", []).append(
-        int(torch.count_nonzero(kept_residual)) / max(1, tau.numel()))
-    return low.add_(kept_residual)
+        int(np.count_nonzero(kept.numpy())) / max(1, tau.numel()))
+    return low.add_(residual)
+
+
+def _record_energy(ctx: OpContext, singular_values: Tensor, tau: Tensor) -> None:
+    # ||L||_F^2 = sum of its squared singular values: no pass over the matrix needed.
+    flat = tau.reshape(-1)
+    total = float(torch.dot(flat, flat))
+    kept = float(singular_values.square().sum())
+    ctx.stats.setdefault("energy_kept_low_rank", []).append(kept / total if total > 0 else 1.0)
 
 
 def _dare(i: int, tau: Tensor, ctx: OpContext) -> Tensor:
     return P.dare_drop(tau, ctx.params["keep"], ctx.generator_for(i))
-
-
-def _energy_ratio(part: Tensor, whole: Tensor) -> float:
-    total = float(whole.square().sum())
-    return float(part.square().sum()) / total if total > 0 else 1.0
 
 
 def op_task_arithmetic(taus, ctx):
