@@ -97,6 +97,42 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_base(args: argparse.Namespace) -> int:
+    from .base import ensure_base_model
+    path = ensure_base_model(Path(args.cache) if args.cache else None,
+                             show_progress=not args.quiet)
+    if args.out:
+        import shutil
+        from .fsutil import atomic_directory
+        with atomic_directory(Path(args.out), force=args.force) as folder:
+            for item in path.iterdir():
+                if item.is_file() and not item.name.startswith("."):
+                    shutil.copy2(item, folder / item.name)
+        path = Path(args.out)
+    print(path)
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .data.synth import synthesize
+    manifest = synthesize(args.languages, args.splits, Path(args.out),
+                          limit_per_split=args.limit, jobs=args.jobs,
+                          show_progress=not args.quiet)
+    print(f"manifest: {manifest}")
+    return 0
+
+
+def cmd_tiny(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+    from .fsutil import atomic_directory
+    from .tiny import write_tiny_example
+    hf_logging.disable_progress_bar()  # its per-file bars would drown the one line we print
+    with atomic_directory(Path(args.out), force=args.force) as folder:
+        names = list(write_tiny_example(folder, experts=args.experts))
+    print(f"tiny random Whisper base and experts in {args.out}: {', '.join(names)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lors", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +164,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = commands.add_parser("methods", help="list merge methods, defaults and groups")
     methods.set_defaults(func=cmd_methods)
+
+    b = commands.add_parser("base", help="fetch, verify and convert the embedded Whisper base; "
+                                          "print its path")
+    b.add_argument("--out", help="also copy it to this directory")
+    b.add_argument("--cache", help="cache directory (default $LORS_CACHE or ~/.cache/lors)")
+    b.add_argument("--force", action="store_true", help="replace --out if it exists")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.set_defaults(func=cmd_base)
+
+    s = commands.add_parser("synth", help="render the sentence bank to 16 kHz speech with espeak-ng")
+    s.add_argument("--languages", default="ca,de,es,fr,it,id,nl,pt,ru,sv",
+                   help="comma-separated ISO 639-1 codes (default: all ten)")
+    s.add_argument("--splits", default="train,dev,test", help="comma-separated splits")
+    s.add_argument("--out", required=True, help="output folder (manifest.jsonl is written there)")
+    s.add_argument("--limit", type=int, help="at most this many sentences per split")
+    s.add_argument("--jobs", type=int, help="parallel espeak-ng processes (default: CPU count)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_synth)
+
+    t = commands.add_parser("tiny", help="write a tiny random Whisper base and experts (for trying "
+                                          "lors in seconds)")
+    t.add_argument("--out", required=True)
+    t.add_argument("--experts", type=int, default=3)
+    t.add_argument("--force", action="store_true")
+    t.set_defaults(func=cmd_tiny)
     return parser
 
 

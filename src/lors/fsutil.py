@@ -25,6 +25,12 @@ def check_output_free(out: Path, force: bool) -> None:
         )
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to ``out``; on success rename it to ``out``.
@@ -36,6 +42,7 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
     check_output_free(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; outputs are ordinary folders
     try:
         yield tmp
         if out.exists():

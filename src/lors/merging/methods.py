@@ -79,14 +79,14 @@ def _low_rank(i: int, tau: Tensor, ctx: OpContext) -> Tensor:
 
 def _lors(i: int, tau: Tensor, ctx: OpContext) -> Tensor:
     u, s, vh = P.truncated_svd(tau, ctx.rank_for(tau.shape), **ctx.svd_options(i))
-    low = (u * s) @ vh
-    residual = torch.sub(tau, low)
+    scaled_u = u * s
+    residual = torch.addmm(tau, scaled_u, vh, alpha=-1.0)  # R = tau - L in one pass
     kept = P.magnitude_mask(residual, ctx.params["keep"])
-    residual.mul_(kept)
+    residual.mul_(kept).addmm_(scaled_u, vh)               # R_kept + L, L never materialised
     _record_energy(ctx, s, tau)
     ctx.stats.setdefault("residual_density", []).append(
         int(np.count_nonzero(kept.numpy())) / max(1, tau.numel()))
-    return low.add_(residual)
+    return residual
 
 
 def _record_energy(ctx: OpContext, singular_values: Tensor, tau: Tensor) -> None:

@@ -105,9 +105,10 @@ def lors_prune(x: Tensor, rank: int, keep: float, **svd_options) -> Tensor:
     L = rank-``rank`` truncation of ``x``; R = x - L; the k = floor(keep * numel) entries of R
     with the largest |value| are kept and the rest zeroed (no sign election, no rescaling).
     """
-    low_rank = low_rank_approx(x, rank, **svd_options)
-    residual = x - low_rank
-    return low_rank.add_(residual.mul_(magnitude_mask(residual, keep)))
+    u, s, vh = truncated_svd(x, rank, **svd_options)
+    scaled_u = u * s
+    residual = torch.addmm(x, scaled_u, vh, alpha=-1.0)  # x - L in one pass
+    return residual.mul_(magnitude_mask(residual, keep)).addmm_(scaled_u, vh)
 
 
 def dare_drop(x: Tensor, keep: float, generator: torch.Generator | None = None) -> Tensor:

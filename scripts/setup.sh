@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create or reuse .venv in the repository root and install lors with its test dependencies.
+# torch is pinned to the CPU build first, so nothing pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  .venv/bin/pip install --quiet "torch==2.13.0"
+fi
+.venv/bin/pip install --quiet -e ".[test]"
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ]; then
+    (apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null) || echo "note: could not install espeak-ng; lors synth needs it"
+  else
+    echo "note: lors synth needs espeak-ng: sudo apt-get install espeak-ng"
+  fi
+fi
