@@ -182,3 +182,19 @@ def test_cli_reports_errors_without_traceback(tiny_models, tmp_path, capsys):
                  f"x={tmp_path / 'missing'}", "--method", "lors", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("lors: error:") and "Traceback" not in err
+
+
+def test_unreachable_hub_id_gives_clear_error():
+    # A hub id is tried only when no such local path exists; offline it must fail clearly.
+    import os
+    import subprocess
+    import sys
+    code = ("from lors.checkpoint.reader import open_checkpoint\n"
+            "from lors.errors import CheckpointError\n"
+            "try:\n    open_checkpoint('lors-test-org/no-such-whisper')\n"
+            "except CheckpointError as exc:\n    print('ERROR:', exc)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=120).stdout
+    assert "ERROR: lors-test-org/no-such-whisper: not a local path" in out
+    assert "local directory" in out

@@ -9,13 +9,16 @@ the output directory appears only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import math
 import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Callable, Iterator
 
 import torch
 
@@ -98,9 +101,26 @@ def _read_float(checkpoint: Checkpoint, who: str, name: str) -> torch.Tensor:
     return tensor
 
 
-def _task_vectors(plan: MergePlan, name: str, base_tensor: torch.Tensor) -> list[torch.Tensor]:
-    return [_read_float(ckpt, f"expert {expert!r}", name).sub_(base_tensor)
-            for expert, ckpt in plan.experts.items()]
+def _task_vectors(plan: MergePlan, name: str, base_tensor: torch.Tensor,
+                  pool: Executor | None = None) -> list[torch.Tensor]:
+    def one(item) -> torch.Tensor:
+        expert, ckpt = item
+        return _read_float(ckpt, f"expert {expert!r}", name).sub_(base_tensor)
+    return list((pool.map if pool else map)(one, plan.experts.items()))
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[Executor | None]:
+    """Threads that read and prune experts concurrently, each with one torch thread.
+
+    One intra-op thread per worker keeps every core busy in the single-threaded parts (file
+    reads, introselect) and avoids OpenMP spin-waiting when the machine is shared.
+    """
+    if workers <= 1:
+        yield None
+        return
+    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        yield pool
 
 
 def global_thresholds(plan: MergePlan) -> list[float] | None:
@@ -129,21 +149,29 @@ def output_dtype(config: MergeConfig, base: Checkpoint) -> torch.dtype:
     return max(set(floats), key=floats.count) if floats else torch.float32
 
 
+def default_workers(experts: int) -> int:
+    return max(1, min(experts, os.cpu_count() or 1))
+
+
 def merge(config: MergeConfig, out: Path, *, force: bool = False, diagnostics: bool = True,
-          progress: Progress | None = None) -> dict:
-    """Merge as ``config`` says into the new directory ``out``; returns the report dict."""
+          progress: Progress | None = None, workers: int | None = None) -> dict:
+    """Merge as ``config`` says into the new directory ``out``; returns the report dict.
+
+    ``workers`` threads read and prune experts concurrently (default: min(experts, CPUs)).
+    """
     check_output_free(out, force)
     started = time.perf_counter()
     plan = plan_merge(config)
     dtype = output_dtype(config, plan.base)
     thresholds = global_thresholds(plan)
     stats = Diagnostics(list(plan.experts)) if diagnostics else None
-    with atomic_directory(out, force=force) as folder:
+    workers = workers or default_workers(len(plan.experts))
+    with atomic_directory(out, force=force) as folder, worker_pool(workers) as pool:
         writer = ShardedModelWriter(folder, float_specs([e.name for e in plan.entries],
                                                         plan.base.meta, dtype),
                                     int(config.shard_size_mb * 1_000_000))
         for done, entry in enumerate(plan.entries):
-            writer.write(entry.name, _merge_one(plan, entry, dtype, thresholds, stats))
+            writer.write(entry.name, _merge_one(plan, entry, dtype, thresholds, stats, pool))
             if progress:
                 progress(done + 1, len(plan.entries), entry.name)
         writer.close()
@@ -156,15 +184,18 @@ def merge(config: MergeConfig, out: Path, *, force: bool = False, diagnostics: b
 
 
 def _merge_one(plan: MergePlan, entry: PlanEntry, dtype: torch.dtype,
-               thresholds: list[float] | None, stats: Diagnostics | None) -> torch.Tensor:
+               thresholds: list[float] | None, stats: Diagnostics | None,
+               pool: Executor | None = None) -> torch.Tensor:
     if entry.op == "copy":
         return plan.base.read(entry.name)
     base_tensor = _read_float(plan.base, "base", entry.name)
-    taus = _task_vectors(plan, entry.name, base_tensor)
+    taus = _task_vectors(plan, entry.name, base_tensor, pool)
     ctx = OpContext(entry.name, plan.weights, plan.params,
                     lambda i: torch.Generator().manual_seed(_seed(plan.params["seed"], i,
                                                                   entry.name)),
                     thresholds if entry.op in GLOBAL_SCOPE_OPS else None)
+    if pool is not None:
+        ctx.map = pool.map
     delta = OPS[entry.op](taus, ctx)
     if stats is not None:
         stats.add(entry.name, layer_of(entry.name), entry.group, entry.op, taus, ctx.stats)

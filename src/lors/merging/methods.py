@@ -29,6 +29,11 @@ class OpContext:
     generator_for: Callable[[int], torch.Generator]  # a seeded generator per expert and tensor
     thresholds: Sequence[float] | None = None        # global top-k thresholds, one per expert
     stats: dict = field(default_factory=dict)        # per-expert diagnostics the op records
+    map: Callable = map                              # the engine passes a thread pool's map
+
+    def record(self, key: str, expert: int, value: float) -> None:
+        """Store one expert's diagnostic (safe from worker threads: one slot per expert)."""
+        self.stats.setdefault(key, [None] * len(self.weights))[expert] = value
 
     def rank_for(self, shape: tuple[int, ...]) -> int:
         ratio = self.params.get("rank_ratio")
@@ -51,7 +56,9 @@ def sparsify_elect_combine(taus: Sequence[Tensor], ctx: OpContext, sparsify: Spa
     The inputs are never modified. With elect, the sign is elected on the weighted values, so
     an expert's weight is also its say in the election.
     """
-    parts = (sparsify(i, t, ctx) if sparsify else t for i, t in enumerate(taus))
+    # Experts are pruned independently, so the engine's workers may prune them concurrently.
+    parts = (ctx.map(lambda item: sparsify(item[0], item[1], ctx), enumerate(taus))
+             if sparsify else iter(taus))
     if elect:
         stacked = torch.stack(list(parts))
         stacked *= torch.tensor(list(ctx.weights)).reshape(-1, *([1] * (stacked.dim() - 1)))
@@ -73,7 +80,7 @@ def _magnitude(i: int, tau: Tensor, ctx: OpContext) -> Tensor:
 
 def _low_rank(i: int, tau: Tensor, ctx: OpContext) -> Tensor:
     u, s, vh = P.truncated_svd(tau, ctx.rank_for(tau.shape), **ctx.svd_options(i))
-    _record_energy(ctx, s, tau)
+    _record_energy(ctx, i, s, tau)
     return (u * s) @ vh
 
 
@@ -83,18 +90,17 @@ def _lors(i: int, tau: Tensor, ctx: OpContext) -> Tensor:
     residual = torch.addmm(tau, scaled_u, vh, alpha=-1.0)  # R = tau - L in one pass
     kept = P.magnitude_mask(residual, ctx.params["keep"])
     residual.mul_(kept).addmm_(scaled_u, vh)               # R_kept + L, L never materialised
-    _record_energy(ctx, s, tau)
-    ctx.stats.setdefault("residual_density", []).append(
-        int(np.count_nonzero(kept.numpy())) / max(1, tau.numel()))
+    _record_energy(ctx, i, s, tau)
+    ctx.record("residual_density", i, int(np.count_nonzero(kept.numpy())) / max(1, tau.numel()))
     return residual
 
 
-def _record_energy(ctx: OpContext, singular_values: Tensor, tau: Tensor) -> None:
+def _record_energy(ctx: OpContext, expert: int, singular_values: Tensor, tau: Tensor) -> None:
     # ||L||_F^2 = sum of its squared singular values: no pass over the matrix needed.
     flat = tau.reshape(-1)
     total = float(torch.dot(flat, flat))
     kept = float(singular_values.square().sum())
-    ctx.stats.setdefault("energy_kept_low_rank", []).append(kept / total if total > 0 else 1.0)
+    ctx.record("energy_kept_low_rank", expert, kept / total if total > 0 else 1.0)
 
 
 def _dare(i: int, tau: Tensor, ctx: OpContext) -> Tensor:
