@@ -119,8 +119,15 @@ def worker_pool(workers: int) -> Iterator[Executor | None]:
     if workers <= 1:
         yield None
         return
-    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        yield pool
+    # The main thread combines while workers still prune: it gets one thread too.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads,
+                                initargs=(1,)) as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(previous)
 
 
 def global_thresholds(plan: MergePlan) -> list[float] | None:

@@ -89,7 +89,7 @@ def _lors(i: int, tau: Tensor, ctx: OpContext) -> Tensor:
     scaled_u = u * s
     residual = torch.addmm(tau, scaled_u, vh, alpha=-1.0)  # R = tau - L in one pass
     kept = P.magnitude_mask(residual, ctx.params["keep"])
-    residual.mul_(kept).addmm_(scaled_u, vh)               # R_kept + L, L never materialised
+    P.zero_outside_(residual, kept).addmm_(scaled_u, vh)   # R_kept + L, L never materialised
     _record_energy(ctx, i, s, tau)
     ctx.record("residual_density", i, int(np.count_nonzero(kept.numpy())) / max(1, tau.numel()))
     return residual

@@ -1,0 +1,164 @@
+"""Evaluate a Whisper model on a manifest: decode every (language, task), score, time.
+
+ASR is scored with WER and CER after Whisper's normalisation (fractions: 0.1 = 10 %), ST
+with BLEU and chrF on the raw text (sacrebleu's 0-100 scale); see :mod:`.metrics`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from ..base import resolve_model_reference
+from ..data.manifest import Utterance, read_manifest
+from ..errors import LorsError
+from ..fsutil import atomic_file
+from .decode import DEFAULT_MAX_NEW_TOKENS, TASKS, Decoder, check_references, reference
+from .metrics import bleu, cer, chrf, wer
+
+TARGET_LANGUAGE = "en"  # st translates into English, so English audio has no st pair
+
+
+def _names(values: str | Iterable[str], what: str) -> list[str]:
+    """``"de,fr"`` or ``["de", "fr"]`` -> ``["de", "fr"]`` (blanks and duplicates dropped)."""
+    items = values.split(",") if isinstance(values, str) else list(values)
+    names = list(dict.fromkeys(item.strip() for item in items if item.strip()))
+    if not names:
+        raise LorsError(f"no {what} given; pass at least one")
+    return names
+
+
+def _load(manifest: str | Path | Sequence[Utterance], split: str | None) -> tuple[list[Utterance], str]:
+    """The utterances to evaluate (of ``split`` if given) and a name for messages."""
+    if isinstance(manifest, (str, Path)):
+        utterances, source = read_manifest(manifest), f"manifest {manifest}"
+    else:
+        utterances, source = list(manifest), "the given utterances"
+    if split is not None:
+        utterances = [u for u in utterances if u.split == split]
+        if not utterances:
+            raise LorsError(f"{source} has no utterances in split {split!r}")
+    if not utterances:
+        raise LorsError(f"{source} holds no utterances")
+    return utterances, source
+
+
+def _pairs(utterances: list[Utterance], languages, tasks, source: str) -> list[tuple[str, str]]:
+    """The (language, task) pairs to evaluate, languages in manifest order unless given."""
+    present = list(dict.fromkeys(u.language for u in utterances))
+    chosen = present if languages is None else _names(languages, "languages")
+    missing = [lang for lang in chosen if lang not in present]
+    if missing:
+        raise LorsError(f"{source} has no utterances in language(s) {', '.join(missing)}; "
+                        f"it has {', '.join(present)}")
+    tasks = _names(tasks, "tasks")
+    for task in tasks:
+        if task not in TASKS:
+            raise LorsError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    pairs = [(lang, task) for lang in chosen for task in tasks
+             if not (task == "st" and lang == TARGET_LANGUAGE)]
+    if not pairs:
+        raise LorsError("nothing to evaluate: st translates into English, so English audio "
+                        "has no st result; add asr or another language")
+    return pairs
+
+
+def score(task: str, language: str, refs: list[str], hyps: list[str]) -> dict[str, float]:
+    """asr: ``{"wer", "cer"}`` normalised for ``language``; st: ``{"bleu", "chrf"}`` on raw text."""
+    if task == "asr":
+        return {"wer": wer(refs, hyps, language), "cer": cer(refs, hyps, language)}
+    return {"bleu": bleu(refs, hyps), "chrf": chrf(refs, hyps)}
+
+
+def evaluate(model: str | Path | None, manifest: str | Path | Sequence[Utterance], *,
+             languages: str | Iterable[str] | None = None,
+             tasks: str | Iterable[str] = ("asr",), out: str | Path | None = None,
+             batch_size: int = 8, num_beams: int = 1,
+             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, window_seconds: float | None = None,
+             split: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
+             show_progress: bool = False) -> dict[str, Any]:
+    """Decode and score ``model`` on ``manifest`` for every requested (language, task).
+
+    ``model``: a Whisper directory, or None/"base" for the embedded base. ``manifest``: a
+    JSONL path or a list of utterances. ``languages`` defaults to all languages present (in
+    manifest order); ``split`` keeps one split only. English is never evaluated for ``st``.
+    All input checks (languages present, references for each task, language and task
+    tokens known to the model) run before any decoding. Decoding options are those of
+    :meth:`Decoder.decode`.
+
+    Returns ``{"model", "manifest", "settings", "results", "utterances"}``: one result per
+    pair with ``language, task, n``, the scores of :func:`score`, ``seconds`` (wall-clock
+    of audio loading, features and generation, model loading excluded) and
+    ``utterances_per_second``; one utterance record per decoded clip and pair with ``id,
+    language, task, reference, hypothesis``. With ``out`` the dict is also written there
+    as JSON, atomically.
+    """
+    utterances, source = _load(manifest, split)
+    pairs = _pairs(utterances, languages, tasks, source)
+    groups = {pair: [u for u in utterances if u.language == pair[0]] for pair in pairs}
+    for (_, task), group in groups.items():
+        check_references(group, task, source)
+    model_dir = resolve_model_reference(None if model is None else str(model))
+    decoder = Decoder(model_dir, device=device, dtype=dtype)
+    for language, task in pairs:
+        decoder.check(language, task)
+    settings = {"model_dir": str(model_dir), "split": split, "batch_size": batch_size,
+                "num_beams": num_beams, "max_new_tokens": decoder.token_budget(max_new_tokens),
+                "window_seconds": window_seconds, "device": str(device),
+                "dtype": str(dtype).removeprefix("torch.")}
+    results, records = [], []
+    for (language, task), group in groups.items():
+        start = time.perf_counter()
+        hyps = decoder.decode(group, language, task, batch_size=batch_size, num_beams=num_beams,
+                              max_new_tokens=max_new_tokens, window_seconds=window_seconds,
+                              show_progress=show_progress)
+        seconds = time.perf_counter() - start
+        refs = [reference(u, task) or "" for u in group]
+        results.append({"language": language, "task": task, "n": len(group),
+                        **score(task, language, refs, hyps), "seconds": seconds,
+                        "utterances_per_second": len(group) / seconds if seconds > 0 else None})
+        records += [{"id": u.id, "language": language, "task": task, "reference": r,
+                     "hypothesis": h} for u, r, h in zip(group, refs, hyps)]
+    report = {"model": "base" if model is None else str(model),
+              "manifest": str(manifest) if isinstance(manifest, (str, Path)) else None,
+              "settings": settings, "results": results, "utterances": records}
+    if out is not None:
+        with atomic_file(Path(out), "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return report
+
+
+_COLUMNS = (("language", "language", "{}"), ("task", "task", "{}"), ("n", "n", "{}"),
+            ("WER %", "wer", "{:.1f}"), ("CER %", "cer", "{:.1f}"), ("BLEU", "bleu", "{:.1f}"),
+            ("chrF", "chrf", "{:.1f}"), ("utt/s", "utterances_per_second", "{:.2f}"))
+_PERCENT = {"wer", "cer"}  # stored as fractions, shown as percentages
+
+
+def format_table(results: dict[str, Any] | Sequence[dict[str, Any]]) -> str:
+    """A plain-text table of an :func:`evaluate` report (or of its ``results`` list).
+
+    One row per result; WER and CER are shown in percent, BLEU and chrF as stored, missing
+    scores as ``-``. Columns are right-aligned except language and task.
+    """
+    rows = results["results"] if isinstance(results, dict) else list(results)
+    table = [[title for title, _, _ in _COLUMNS]]
+    for row in rows:
+        cells = []
+        for _, key, fmt in _COLUMNS:
+            value = row.get(key)
+            if value is None:
+                cells.append("-")
+            else:
+                cells.append(fmt.format(value * 100 if key in _PERCENT else value))
+        table.append(cells)
+    widths = [max(len(line[i]) for line in table) for i in range(len(_COLUMNS))]
+    lines = []
+    for line in table:
+        cells = [cell.ljust(w) if i < 2 else cell.rjust(w)
+                 for i, (cell, w) in enumerate(zip(line, widths))]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
