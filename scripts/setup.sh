@@ -3,13 +3,15 @@
 # torch is pinned to the CPU build first, so nothing pulls a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# pip on some machines warns about every local index folder it skips: keep real messages only
+pip_install() { .venv/bin/pip install --quiet "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  .venv/bin/pip install --quiet "torch==2.13.0"
+  pip_install "torch==2.13.0"
 fi
-.venv/bin/pip install --quiet -e ".[test]"
+pip_install -e ".[test]"
 if ! command -v espeak-ng >/dev/null 2>&1; then
   if [ "$(id -u)" = "0" ]; then
     (apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null) || echo "note: could not install espeak-ng; lors synth needs it"
