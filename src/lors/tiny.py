@@ -55,6 +55,8 @@ def save_tiny_base(folder: Path, seed: int = 0, **overrides) -> Path:
     special = {token: FIRST_SPECIAL + i for i, token in enumerate(SPECIALS)}
     generation = model.generation_config
     generation.max_length = 20
+    # transformers 5 drops lang_to_id / task_to_id on load from a config marked as derived
+    generation._from_model_config = False
     generation.is_multilingual = True
     generation.begin_suppress_tokens = [special["<|endoftext|>"]]
     generation.no_timestamps_token_id = special["<|notimestamps|>"]

@@ -26,6 +26,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from ..errors import LorsError
+from ..names import name_list
 from .audio import SAMPLE_RATE, is_valid_wav, resample, write_wav
 from .manifest import Utterance, write_manifest
 
@@ -148,21 +149,12 @@ def _remove_stale_temps(folder: Path, pattern: str = ".*.wav.tmp-*") -> None:
             stale.unlink(missing_ok=True)
 
 
-def _as_list(values: str | Iterable[str], what: str) -> list[str]:
-    """Accept ``"de,fr"`` or ``["de", "fr"]``; drop blanks and duplicates, keep order."""
-    items = values.split(",") if isinstance(values, str) else list(values)
-    cleaned = list(dict.fromkeys(item.strip() for item in items if item.strip()))
-    if not cleaned:
-        raise LorsError(f"no {what} given; pass at least one")
-    return cleaned
-
-
 def _validate(languages: str | Iterable[str], splits: str | Iterable[str]):
     """Check language and split names before any work; return them as lists."""
     from .sentences import SPLITS  # lazy: keeps this module importable on its own
 
-    languages = _as_list(languages, "languages")
-    splits = _as_list(splits, "splits")
+    languages = name_list(languages, "languages")
+    splits = name_list(splits, "splits")
     for language in languages:
         espeak_voice(language)
     bad = [split for split in splits if split not in SPLITS]

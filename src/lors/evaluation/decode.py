@@ -3,32 +3,24 @@
 Two things make this faster than a plain ``pipeline("automatic-speech-recognition")`` loop:
 
 * utterances are decoded in batches of similar duration (sorted longest first), and
-* the encoder runs on a *short window*: Whisper's encoder only accepts exactly
-  ``2 * max_source_positions`` mel frames (30 s), but its position table is a fixed sinusoid,
-  so a prefix of it is exactly what the first positions of a 30 s input would get. For a
-  batch of short clips the encoder is run with ``max_source_positions`` lowered to the
-  window's positions and the table truncated to them, and the features are padded only to
-  the window. Encoder cost scales with the window (attention quadratically), and the decoder
-  cross-attends to fewer frames.
+* the encoder runs on a *short window* fitted to the clips (see :mod:`.window`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.audio import SAMPLE_RATE, load_audio
 from ..data.manifest import Utterance
 from ..errors import LorsError
+from .window import Window, encoder_window, window_for
 
 TASKS: dict[str, str] = {"asr": "transcribe", "st": "translate"}
 """lors task name -> Whisper task token name (``<|transcribe|>``, ``<|translate|>``)."""
@@ -65,74 +57,24 @@ def check_references(utterances: Sequence[Utterance], task: str, source: str) ->
                             f"{task!r} needs as reference; add it or evaluate another task")
 
 
-def plan_batches(durations: Sequence[float], batch_size: int) -> list[list[int]]:
+def plan_batches(durations: Sequence[float], batch_size: int,
+                 groups: Sequence[int] | None = None) -> list[list[int]]:
     """Index batches of at most ``batch_size``, longest first, so batches hold similar lengths.
 
-    The sort is stable: equal durations keep their input order.
+    With ``groups`` (one integer per clip, e.g. its encoder window) a batch never mixes
+    groups; larger groups come first. The sort is stable: ties keep their input order.
     """
     if batch_size < 1:
         raise LorsError(f"batch size must be at least 1, got {batch_size}")
-    order = sorted(range(len(durations)), key=lambda i: -durations[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-@dataclass(frozen=True)
-class Window:
-    """An encoder window: ``positions`` encoder positions = ``2 * positions`` mel frames."""
-
-    positions: int
-    hop_length: int
-
-    @property
-    def samples(self) -> int:
-        """Audio samples the features are padded (or cut) to."""
-        return 2 * self.positions * self.hop_length
-
-    @property
-    def seconds(self) -> float:
-        return self.samples / SAMPLE_RATE
-
-
-def window_for(longest_samples: int, window_seconds: float | None, full_positions: int,
-               hop_length: int) -> Window:
-    """The encoder window for a batch whose longest clip has ``longest_samples`` samples.
-
-    ``window_seconds=None`` means the longest clip's length rounded up to whole seconds (at
-    least 1 s); a number is used as given (rounded up to a whole encoder position). Either is
-    capped at the model's full window (``full_positions`` positions, 30 s for Whisper).
-    """
-    if window_seconds is None:
-        seconds = max(1, math.ceil(longest_samples / SAMPLE_RATE))
-    elif window_seconds > 0:
-        seconds = window_seconds
-    else:
-        raise LorsError(f"window_seconds must be positive (or None for automatic), got {window_seconds}")
-    positions = math.ceil(round(seconds * SAMPLE_RATE / (2 * hop_length), 6))
-    return Window(min(positions, full_positions), hop_length)
-
-
-@contextlib.contextmanager
-def encoder_window(model, positions: int) -> Iterator[None]:
-    """Run ``model``'s encoder with only the first ``positions`` positions inside the block.
-
-    Sets ``config.max_source_positions`` (shared by the model, its encoder and ``generate``)
-    and swaps in an embedding whose weight is a view of the first rows of the real table, so
-    nothing is copied; both are restored afterwards, even on error.
-    """
-    encoder = model.model.encoder
-    full_table, full_positions = encoder.embed_positions, model.config.max_source_positions
-    if positions == full_positions:
-        yield
-        return
-    short = nn.Embedding(positions, full_table.embedding_dim, _weight=full_table.weight[:positions],
-                         _freeze=True, device=full_table.weight.device, dtype=full_table.weight.dtype)
-    encoder.embed_positions = short
-    model.config.max_source_positions = encoder.max_source_positions = positions
-    try:
-        yield
-    finally:
-        encoder.embed_positions = full_table
-        model.config.max_source_positions = encoder.max_source_positions = full_positions
+    keys = list(groups) if groups is not None else [0] * len(durations)
+    order = sorted(range(len(durations)), key=lambda i: (-keys[i], -durations[i]))
+    batches: list[list[int]] = []
+    for index in order:
+        if batches and len(batches[-1]) < batch_size and keys[batches[-1][0]] == keys[index]:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
 
 
 @contextlib.contextmanager
@@ -231,24 +173,34 @@ class Decoder:
                window_seconds: float | None = None, show_progress: bool = False) -> list[str]:
         """Decode ``utterances`` with ``language`` and ``task`` forced; hypotheses in input order.
 
-        Batches are planned by manifest duration (:func:`plan_batches`); each batch's encoder
-        window follows :func:`window_for` from its clips' real lengths. Audio longer than the
-        window is cut at the window's end (a warning is issued once). Decoding is greedy for
-        ``num_beams=1``, beam search otherwise, and stops after ``max_new_tokens`` tokens
-        (capped by :meth:`token_budget`). Hypotheses are stripped of surrounding whitespace.
+        Each clip gets the encoder window :func:`window_for` gives its manifest duration, and
+        batches (:func:`plan_batches`) only hold clips of one window, so a clip's result does
+        not depend on the batch size or on the other clips. Should a clip's audio be longer
+        than its duration says, its batch's window grows to fit it. Audio longer than an
+        explicit or the full window is cut at the window's end (warned once). Decoding is
+        greedy for ``num_beams=1``, beam search otherwise, and stops after
+        ``max_new_tokens`` tokens (capped by :meth:`token_budget`). Hypotheses are stripped
+        of surrounding whitespace.
         """
         self.check(language, task)
         if num_beams < 1:
             raise LorsError(f"num_beams must be at least 1, got {num_beams}")
         budget = self.token_budget(max_new_tokens)
+        windows = [self._window(round(u.duration * SAMPLE_RATE), window_seconds) for u in utterances]
+        batches = plan_batches([u.duration for u in utterances], batch_size,
+                               [w.positions for w in windows])
         hypotheses: list[str] = [""] * len(utterances)
-        batches = plan_batches([u.duration for u in utterances], batch_size)
         for batch in tqdm(batches, desc=f"{language}/{task}", unit="batch", disable=not show_progress):
             texts = self._decode_batch([utterances[i] for i in batch], language, task,
-                                       num_beams, budget, window_seconds)
+                                       num_beams, budget, windows[batch[0]], window_seconds)
             for index, text in zip(batch, texts):
                 hypotheses[index] = text
         return hypotheses
+
+    def _window(self, samples: int, window_seconds: float | None) -> Window:
+        """:func:`window_for` with this model's full window and hop length."""
+        return window_for(samples, window_seconds, self.model.config.max_source_positions,
+                          self.processor.feature_extractor.hop_length)
 
     def _features(self, audios: list, window: Window) -> torch.Tensor:
         """Log-mel features of ``audios`` padded (or cut) to exactly ``window``'s frames."""
@@ -259,13 +211,13 @@ class Decoder:
         return features.to(self.device, self.dtype)
 
     def _decode_batch(self, batch: list[Utterance], language: str, task: str, num_beams: int,
-                      max_new_tokens: int, window_seconds: float | None) -> list[str]:
+                      max_new_tokens: int, planned: Window,
+                      window_seconds: float | None) -> list[str]:
         """Decode one batch under its encoder window; texts in ``batch`` order."""
         audios = [load_audio(utt.audio) for utt in batch]
-        hop = self.processor.feature_extractor.hop_length
-        full = self.model.config.max_source_positions
-        window = window_for(max(len(a) for a in audios), window_seconds, full, hop)
-        if max(len(a) for a in audios) > window.samples and not self._warned_cut:
+        longest = max(len(audio) for audio in audios)
+        window = max(planned, self._window(longest, window_seconds), key=lambda w: w.positions)
+        if longest > window.samples and not self._warned_cut:
             self._warned_cut = True
             warnings.warn(f"some clips are longer than the {window.seconds:g} s encoder window "
                           "and are cut at its end", stacklevel=3)

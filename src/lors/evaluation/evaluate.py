@@ -17,19 +17,11 @@ from ..base import resolve_model_reference
 from ..data.manifest import Utterance, read_manifest
 from ..errors import LorsError
 from ..fsutil import atomic_file
+from ..names import name_list
 from .decode import DEFAULT_MAX_NEW_TOKENS, TASKS, Decoder, check_references, reference
 from .metrics import bleu, cer, chrf, wer
 
 TARGET_LANGUAGE = "en"  # st translates into English, so English audio has no st pair
-
-
-def _names(values: str | Iterable[str], what: str) -> list[str]:
-    """``"de,fr"`` or ``["de", "fr"]`` -> ``["de", "fr"]`` (blanks and duplicates dropped)."""
-    items = values.split(",") if isinstance(values, str) else list(values)
-    names = list(dict.fromkeys(item.strip() for item in items if item.strip()))
-    if not names:
-        raise LorsError(f"no {what} given; pass at least one")
-    return names
 
 
 def _load(manifest: str | Path | Sequence[Utterance], split: str | None) -> tuple[list[Utterance], str]:
@@ -50,12 +42,12 @@ def _load(manifest: str | Path | Sequence[Utterance], split: str | None) -> tupl
 def _pairs(utterances: list[Utterance], languages, tasks, source: str) -> list[tuple[str, str]]:
     """The (language, task) pairs to evaluate, languages in manifest order unless given."""
     present = list(dict.fromkeys(u.language for u in utterances))
-    chosen = present if languages is None else _names(languages, "languages")
+    chosen = present if languages is None else name_list(languages, "languages")
     missing = [lang for lang in chosen if lang not in present]
     if missing:
         raise LorsError(f"{source} has no utterances in language(s) {', '.join(missing)}; "
                         f"it has {', '.join(present)}")
-    tasks = _names(tasks, "tasks")
+    tasks = name_list(tasks, "tasks")
     for task in tasks:
         if task not in TASKS:
             raise LorsError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
