@@ -59,8 +59,8 @@ class Diagnostics:
                                                                             dtype=torch.float64))
         self.model_gram = torch.zeros(len(self.names), len(self.names), dtype=torch.float64)
 
-    def add(self, name: str, layer: str, group: str, op: str, taus: Sequence[Tensor],
-            op_stats: dict) -> None:
+    def add(self, name: str, layer: str, group: str, op: str, taus: Sequence[Tensor]) -> dict:
+        """Record the task vectors' statistics for one tensor; returns its record."""
         g = gram(taus)
         self.layer_gram[layer] += g
         self.model_gram += g
@@ -69,11 +69,16 @@ class Diagnostics:
             "task_vector_norms": [round(float(v), 6) for v in g.diagonal().clamp(min=0).sqrt()],
             "sign_conflict_rate": round(sign_conflict_rate(taus), 6) if len(taus) > 1 else 0.0,
         }
-        for key, values in op_stats.items():
-            record[key] = [round(float(v), 6) for v in values]
         if len(taus) > 1:
             record["cosine"] = cosine_from_gram(g)
         self.tensors.append(record)
+        return record
+
+    @staticmethod
+    def attach(record: dict, op_stats: dict) -> None:
+        """Add what the op recorded per expert (energy kept, residual density) to a record."""
+        for key, values in op_stats.items():
+            record[key] = [round(float(v), 6) for v in values]
 
     def summary(self) -> dict:
         return {

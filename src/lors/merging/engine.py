@@ -201,11 +201,15 @@ def _merge_one(plan: MergePlan, entry: PlanEntry, dtype: torch.dtype,
                     lambda i: torch.Generator().manual_seed(_seed(plan.params["seed"], i,
                                                                   entry.name)),
                     thresholds if entry.op in GLOBAL_SCOPE_OPS else None)
+    record = None
+    if stats is not None:  # a worker computes the diagnostics while the others prune
+        args = (entry.name, layer_of(entry.name), entry.group, entry.op, taus)
+        record = pool.submit(stats.add, *args) if pool is not None else stats.add(*args)
     if pool is not None:
         ctx.map = pool.map
     delta = OPS[entry.op](taus, ctx)
-    if stats is not None:
-        stats.add(entry.name, layer_of(entry.name), entry.group, entry.op, taus, ctx.stats)
+    if record is not None:
+        Diagnostics.attach(record.result() if pool is not None else record, ctx.stats)
     return base_tensor.add_(delta).to(dtype)
 
 
