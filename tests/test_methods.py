@@ -141,3 +141,15 @@ def test_resolve_fills_defaults_and_one_over_t_lambda():
     method, params, ops = resolve(config)
     assert (method, params["rank"], params["keep"], params["lambda"]) == ("lors", 7, 0.2, 0.2)
     assert ops["ffn"] == "lors" and ops["layer_norm"] == "task_arithmetic"
+
+
+def test_diagnostics_gram_and_sign_conflicts_by_hand():
+    from lors.merging.diagnostics import gram, sign_conflict_rate
+    taus = [torch.randn(700_000) for _ in range(3)]
+    expected = torch.tensor([[float(torch.dot(a.double(), b.double())) for b in taus] for a in taus],
+                            dtype=torch.float64)
+    assert torch.allclose(gram(taus), expected, rtol=1e-5)
+    a = torch.tensor([1.0, -1.0, 0.0, 2.0])
+    b = torch.tensor([1.0, 1.0, 3.0, -2.0])
+    # entries nonzero in both: 0, 1, 3; signs disagree at 1 and 3
+    assert sign_conflict_rate([a, b]) == pytest.approx(2 / 3)

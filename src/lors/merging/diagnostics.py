@@ -31,13 +31,17 @@ def sign_conflict_rate(taus: Sequence[Tensor]) -> float:
     return int(torch.count_nonzero((positive > 0) & (negative > 0))) / shared
 
 
-def gram(taus: Sequence[Tensor]) -> Tensor:
-    """T x T matrix of dot products <tau_i, tau_j> in float64 (no stacked copy of the taus)."""
+def gram(taus: Sequence[Tensor], chunk: int = 1 << 18) -> Tensor:
+    """T x T matrix of dot products <tau_i, tau_j> in float64.
+
+    Computed block by block (T x chunk slices, small enough for the cache), so each task
+    vector is read from memory once instead of T times, and no stacked copy is kept.
+    """
     flats = [t.reshape(-1) for t in taus]
     g = torch.zeros(len(flats), len(flats), dtype=torch.float64)
-    for i, a in enumerate(flats):
-        for j in range(i, len(flats)):
-            g[i, j] = g[j, i] = float(torch.dot(a, flats[j]))
+    for start in range(0, flats[0].numel(), chunk):
+        block = torch.stack([f[start:start + chunk] for f in flats])
+        g += (block @ block.T).double()
     return g
 
 

@@ -138,14 +138,17 @@ def global_thresholds(plan: MergePlan) -> list[float] | None:
     if not names:
         return None
     accumulators = [GlobalThreshold() for _ in plan.experts]
-    for pass_number in (1, 2):
+
+    def stream(step) -> None:
         for name in names:
             base_tensor = _read_float(plan.base, "base", name)
             for acc, tau in zip(accumulators, _task_vectors(plan, name, base_tensor)):
-                acc.first_pass(tau) if pass_number == 1 else acc.second_pass(tau)
-        if pass_number == 1:
-            for acc in accumulators:
-                acc.choose_bucket(plan.params["keep"])
+                step(acc, tau)
+
+    stream(GlobalThreshold.first_pass)
+    for acc in accumulators:
+        acc.choose_bucket(plan.params["keep"])
+    stream(GlobalThreshold.second_pass)
     return [acc.value() for acc in accumulators]
 
 
