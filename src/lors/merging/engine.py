@@ -180,8 +180,9 @@ def merge(config: MergeConfig, out: Path, *, force: bool = False, diagnostics: b
         writer = ShardedModelWriter(folder, float_specs([e.name for e in plan.entries],
                                                         plan.base.meta, dtype),
                                     int(config.shard_size_mb * 1_000_000))
-        for done, entry in enumerate(plan.entries):
-            writer.write(entry.name, _merge_one(plan, entry, dtype, thresholds, stats, pool))
+        for done, (entry, inputs) in enumerate(_prefetched(plan, pool)):
+            writer.write(entry.name, _merge_one(plan, entry, inputs, dtype, thresholds, stats,
+                                                pool))
             if progress:
                 progress(done + 1, len(plan.entries), entry.name)
         writer.close()
@@ -193,13 +194,43 @@ def merge(config: MergeConfig, out: Path, *, force: bool = False, diagnostics: b
     return report
 
 
-def _merge_one(plan: MergePlan, entry: PlanEntry, dtype: torch.dtype,
+Inputs = tuple[torch.Tensor, list[torch.Tensor] | None]  # base tensor, experts' task vectors
+
+
+def _load_inputs(plan: MergePlan, entry: PlanEntry, pool: Executor | None = None) -> Inputs:
+    """The base tensor as stored (for "copy"), or float32 base and task vectors."""
+    if entry.op == "copy":
+        return plan.base.read(entry.name), None
+    base_tensor = _read_float(plan.base, "base", entry.name)
+    return base_tensor, _task_vectors(plan, entry.name, base_tensor, pool)
+
+
+def _prefetched(plan: MergePlan, pool: Executor | None) -> Iterator[tuple[PlanEntry, Inputs]]:
+    """Each entry with its inputs; with a pool, the next entry's are read meanwhile.
+
+    A reader thread loads tensor k+1 (the experts' copies through the pool's workers) while
+    tensor k is pruned, combined and written, so reads overlap computation; at most one extra
+    tensor per expert is in memory.
+    """
+    if pool is None:
+        for entry in plan.entries:
+            yield entry, _load_inputs(plan, entry)
+        return
+    with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) as reader:
+        pending = reader.submit(_load_inputs, plan, plan.entries[0], pool) if plan.entries else None
+        for index, entry in enumerate(plan.entries):
+            inputs = pending.result()
+            if index + 1 < len(plan.entries):
+                pending = reader.submit(_load_inputs, plan, plan.entries[index + 1], pool)
+            yield entry, inputs
+
+
+def _merge_one(plan: MergePlan, entry: PlanEntry, inputs: Inputs, dtype: torch.dtype,
                thresholds: list[float] | None, stats: Diagnostics | None,
                pool: Executor | None = None) -> torch.Tensor:
-    if entry.op == "copy":
-        return plan.base.read(entry.name)
-    base_tensor = _read_float(plan.base, "base", entry.name)
-    taus = _task_vectors(plan, entry.name, base_tensor, pool)
+    base_tensor, taus = inputs
+    if taus is None:
+        return base_tensor
     ctx = OpContext(entry.name, plan.weights, plan.params,
                     lambda i: torch.Generator().manual_seed(_seed(plan.params["seed"], i,
                                                                   entry.name)),
