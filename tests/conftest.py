@@ -11,7 +11,6 @@ from transformers import WhisperForConditionalGeneration
 
 from lors.tiny import save_tiny_base, save_tiny_expert
 
-save_expert = save_tiny_expert  # the name the tests use
 
 
 @pytest.fixture(scope="session")
@@ -32,4 +31,4 @@ def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-__all__ = ["load_state", "read_json", "save_expert", "save_tiny_base"]
+__all__ = ["load_state", "read_json", "save_tiny_base"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import save_expert, save_tiny_base
+from lors.tiny import save_tiny_base, save_tiny_expert
 from lors.cli import main
 from lors.errors import CheckpointError, CompatibilityError, ConfigError, OutputExistsError
 from lors.merging import merge, validate_config
@@ -78,7 +78,7 @@ def test_expert_from_another_base(tiny_models, tmp_path):
         tensors = load_file(other_base / "model.safetensors")
         tensors["model.encoder.embed_positions.weight"] += 0.5
         save_file(tensors, other_base / "model.safetensors", metadata={"format": "pt"})
-    foreign = save_expert(other_base, tmp_path / "foreign", seed=3)
+    foreign = save_tiny_expert(other_base, tmp_path / "foreign", seed=3)
     with pytest.raises(CompatibilityError, match=r"not fine-tuned from this base"):
         run_merge(tiny_models, tmp_path / "out", {"foreign": foreign})
     assert_nothing_written(tmp_path)

@@ -41,11 +41,11 @@ def magnitude_mask(x: Tensor, keep: float) -> Tensor:
     if k >= x.numel():
         return torch.ones_like(x, dtype=torch.bool)
     magnitude = x.abs()
+    threshold = kth_largest(magnitude, k)
     if magnitude.device.type == "cpu" and magnitude.dtype == torch.float32:
         # numpy's comparison is several times faster than torch's bool kernels on this CPU
-        array = magnitude.numpy()
-        return torch.from_numpy(array >= np.partition(array.reshape(-1), array.size - k)[array.size - k])
-    return magnitude >= kth_largest(magnitude, k)
+        return torch.from_numpy(magnitude.numpy() >= threshold.numpy())
+    return magnitude >= threshold
 
 
 def zero_outside_(x: Tensor, mask: Tensor) -> Tensor:
