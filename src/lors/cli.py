@@ -135,6 +135,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+    from .names import name_list
+    from .training import TrainConfig, parse_pairs, train
+    pairs = parse_pairs(name_list(args.languages, "languages") if args.languages else None,
+                        name_list(args.tasks, "tasks") if args.tasks else None,
+                        name_list(args.pairs, "pairs") if args.pairs else None)
+    values = {k: v for k, v in vars(args).items() if v is not None and k in TrainConfig.model_fields}
+    values.update(pairs=pairs, show_progress=not args.quiet)
+    try:
+        config = TrainConfig(**values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}"
+                             for e in exc.errors())
+        raise LorsError(f"invalid training settings: {problems}") from None
+    summary = train(config)
+    print(f"trained {', '.join('-'.join(p) for p in pairs)} ({config.mode}"
+          f"{', sequential' if config.sequential else ''}): {summary['samples']} samples, "
+          f"{summary['samples'] / max(summary['train_seconds'], 1e-9):.2f} samples/s")
+    print(f"model: {config.out}")
+    return 0
+
+
 def cmd_tiny(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
     from .fsutil import atomic_directory
@@ -211,6 +234,40 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--window", type=float, help="encoder window in seconds (default: per clip)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    tr = commands.add_parser("train", help="fine-tune an expert per (language, task), the MTL "
+                                           "model, or a sequential model from a Whisper base")
+    tr.add_argument("--base", help="base model folder or 'base' (default: the embedded base)")
+    tr.add_argument("--manifest", help="manifest.jsonl with train and dev splits (default: the "
+                                       "sentence bank rendered with espeak-ng)")
+    tr.add_argument("--languages", help="comma-separated ISO 639-1 codes, e.g. de,fr")
+    tr.add_argument("--tasks", help="asr, st or asr,st (default asr)")
+    tr.add_argument("--pairs", help="explicit ordered pairs instead, e.g. de-asr,fr-st")
+    tr.add_argument("--out", required=True, help="output model folder (must not exist)")
+    tr.add_argument("--sequential", action="store_true", default=None,
+                    help="train one model on the pairs in order, saving each stage")
+    tr.add_argument("--mode", choices=["full", "freeze-encoder", "lora"],
+                    help="full fine-tuning (default), frozen encoder with cached outputs, or LoRA")
+    tr.add_argument("--max-steps", dest="max_steps", type=int, help="optimizer steps (wins over --epochs)")
+    tr.add_argument("--epochs", type=float, help="epochs over the largest pair (default 5)")
+    tr.add_argument("--batch-size", dest="batch_size", type=int, help="global batch size (default 8)")
+    tr.add_argument("--lr", dest="learning_rate", type=float,
+                    help="peak learning rate (default 1e-5; 5e-4 for lora)")
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--eval-every", dest="eval_every", type=int, help="steps between dev evaluations")
+    tr.add_argument("--save-every", dest="save_every", type=int, help="steps between checkpoints")
+    tr.add_argument("--select", choices=["token-accuracy", "wer-bleu"],
+                    help="dev criterion for the best checkpoint (default token-accuracy)")
+    tr.add_argument("--limit", type=int, help="at most this many train utterances per pair")
+    tr.add_argument("--dev-limit", dest="dev_limit", type=int, help="at most this many dev utterances per pair")
+    tr.add_argument("--lora-rank", dest="lora_rank", type=int)
+    tr.add_argument("--mixed-precision", dest="mixed_precision", choices=["no", "bf16", "fp16"])
+    tr.add_argument("--cpu", action="store_true", default=None, help="stay on CPU even with a GPU")
+    tr.add_argument("--cache-dir", dest="cache_dir", help="encoder-output cache (default: lors cache)")
+    tr.add_argument("--force", action="store_true", default=None,
+                    help="replace an existing output; discard an interrupted run with other settings")
+    tr.add_argument("--quiet", action="store_true", help="no progress bars")
+    tr.set_defaults(func=cmd_train)
 
     t = commands.add_parser("tiny", help="write a tiny random Whisper base and experts (for trying "
                                           "lors in seconds)")

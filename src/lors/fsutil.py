@@ -63,6 +63,7 @@ def atomic_file(out: Path, mode: str = "w", **open_kwargs) -> Iterator:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; outputs are ordinary files
     os.close(fd)
     try:
         with open(tmp_name, mode, **open_kwargs) as handle:

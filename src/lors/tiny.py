@@ -47,8 +47,12 @@ def write_tiny_tokenizer(folder: Path):
     return tokenizer
 
 
-def save_tiny_base(folder: Path, seed: int = 0, **overrides) -> Path:
-    """A randomly initialised tiny Whisper directory with tokenizer and feature extractor."""
+def save_tiny_base(folder: Path, seed: int = 0, chunk_seconds: int = 1, **overrides) -> Path:
+    """A randomly initialised tiny Whisper directory with tokenizer and feature extractor.
+
+    Its full encoder window is ``chunk_seconds`` (50 encoder positions per second, as Whisper).
+    """
+    overrides.setdefault("max_source_positions", 50 * chunk_seconds)
     from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
     torch.manual_seed(seed)
     model = WhisperForConditionalGeneration(tiny_config(**overrides))
@@ -64,7 +68,7 @@ def save_tiny_base(folder: Path, seed: int = 0, **overrides) -> Path:
     generation.task_to_id = {"transcribe": special["<|transcribe|>"],
                              "translate": special["<|translate|>"]}
     model.save_pretrained(folder)
-    WhisperFeatureExtractor(feature_size=N_MELS, chunk_length=1).save_pretrained(folder)
+    WhisperFeatureExtractor(feature_size=N_MELS, chunk_length=chunk_seconds).save_pretrained(folder)
     write_tiny_tokenizer(folder)
     return Path(folder)
 

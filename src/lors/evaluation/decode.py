@@ -145,6 +145,17 @@ class Decoder:
         self.device, self.dtype = torch.device(device), dtype
         self._warned_cut = False
 
+    @classmethod
+    def from_model(cls, model, processor, name: str = "model") -> "Decoder":
+        """A Decoder around an already loaded ``model`` and ``processor`` (e.g. during training)."""
+        decoder = cls.__new__(cls)
+        decoder.model, decoder.processor, decoder.model_dir = model, processor, Path(name)
+        parameter = next(model.parameters())
+        decoder.device, decoder.dtype = parameter.device, parameter.dtype
+        decoder._warned_cut = False
+        model.eval()
+        return decoder
+
     def check(self, language: str, task: str) -> None:
         """Raise LorsError unless the model can be forced to ``language`` and ``task``."""
         generation = self.model.generation_config

@@ -1,0 +1,1 @@
+"""The paper-style experiment: stages, search, report."""

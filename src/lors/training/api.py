@@ -1,0 +1,147 @@
+"""``train``: experts, the multi-task multi-lingual model, and sequential training.
+
+Every check on the inputs (pairs, manifest, audio, references, durations, language tokens,
+the output path) runs before a model is loaded or a step is taken.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..base import default_cache_dir, resolve_model_reference
+from ..data.manifest import Utterance, read_manifest
+from ..errors import LorsError
+from ..fsutil import check_output_free
+from .config import TrainConfig
+from .data import PairData, Selection, select
+from .loop import StepHook, train_stage
+
+
+def default_speech(languages: list[str], show_progress: bool = True) -> Path:
+    """The embedded default speech: the sentence bank rendered by espeak-ng (train, dev,
+    test splits) into the lors cache; returns its manifest."""
+    from ..data.synth import synthesize
+
+    folder = default_cache_dir() / "speech" / "-".join(sorted(set(languages)))
+    return synthesize(sorted(set(languages)), ["train", "dev", "test"], folder,
+                      show_progress=show_progress)
+
+
+def check_base_knows(base_dir: Path, pairs: list[tuple[str, str]]) -> None:
+    """LorsError unless the base's tokenizer and generation config have every language and
+    task token the pairs need (read without loading the model)."""
+    from transformers import AutoTokenizer
+
+    vocab = AutoTokenizer.from_pretrained(base_dir).get_vocab()
+    try:
+        data = json.loads((base_dir / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        data = {}
+    languages = data.get("lang_to_id") or {}
+    for language, task in pairs:
+        token = f"<|{language}|>"
+        if token not in vocab or (languages and token not in languages):
+            known = sorted(t.strip("<|>") for t in languages) or ["none"]
+            raise LorsError(f"the base {base_dir} has no language token {token}; it knows "
+                            f"{', '.join(known)}. Train another language or use a "
+                            "multilingual Whisper")
+        whisper_task = "transcribe" if task == "asr" else "translate"
+        if f"<|{whisper_task}|>" not in vocab:
+            raise LorsError(f"the base {base_dir} has no <|{whisper_task}|> token for {task}")
+
+
+def _accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision)
+    set_seed(config.seed)
+    return accelerator
+
+
+def prepare(config: TrainConfig,
+            utterances: list[Utterance] | None = None) -> tuple[Path, Selection]:
+    """Resolve the base and the data and run every input check; nothing is trained."""
+    out = Path(config.out)
+    check_output_free(out, config.force)
+    base_dir = Path(resolve_model_reference(config.base))
+    if not (base_dir / "config.json").is_file():
+        raise LorsError(f"base {base_dir} is not a Hugging Face Whisper folder (no config.json)")
+    check_base_knows(base_dir, config.pairs)
+    if utterances is None:
+        manifest = config.manifest or default_speech([l for l, _ in config.pairs],
+                                                     config.show_progress)
+        utterances, source = read_manifest(manifest), str(manifest)
+    else:
+        source = "the given utterances"
+    selection = select(utterances, config.pairs, source, limit=config.limit,
+                       dev_limit=config.dev_limit,
+                       max_missing_fraction=config.max_missing_fraction)
+    return base_dir, selection
+
+
+def train(config: TrainConfig, utterances: list[Utterance] | None = None,
+          on_step: StepHook | None = None) -> dict:
+    """Train what ``config`` asks for and write it to ``config.out``; return the summary.
+
+    One pair: an expert. Several: the MTL model with balanced sampling, or with
+    ``sequential`` one model per pair in turn, each stage saved under ``out/stages`` and the
+    last stage's model at ``out`` itself. ``utterances`` overrides the manifest.
+    """
+    base_dir, selection = prepare(config, utterances)
+    if selection.missing_audio:
+        print(f"lors: skipped {len(selection.missing_audio)} utterances with missing audio "
+              f"(first: {selection.missing_audio[0]})")
+    accelerator = _accelerator(config)
+    out = Path(config.out)
+    if not config.sequential:
+        summary = train_stage(config, accelerator, base_dir, selection.pairs, out,
+                              on_step=on_step)
+        summary["skipped_missing_audio"] = len(selection.missing_audio)
+        return summary
+    return _train_sequential(config, accelerator, base_dir, selection.pairs, out, on_step)
+
+
+def _train_sequential(config, accelerator, base_dir: Path, pairs: list[PairData], out: Path,
+                      on_step) -> dict:
+    """Stage k starts from stage k-1's best model; finished stages are skipped on re-run."""
+    work = out.with_name(out.name + ".partial")
+    stages_dir = work / "stages"
+    stages_dir.mkdir(parents=True, exist_ok=True)
+    previous, summaries = base_dir, []
+    for index, pair in enumerate(pairs, start=1):
+        stage_out = stages_dir / f"{index:02d}-{pair.name}"
+        if (stage_out / "training.json").is_file():
+            summary = json.loads((stage_out / "training.json").read_text())
+        else:
+            summary = train_stage(config.model_copy(update={"force": False}), accelerator,
+                                  previous, [pair], stage_out, stage=f"{index}/{len(pairs)} "
+                                  f"{pair.name}", on_step=on_step)
+        summaries.append(summary)
+        previous = stage_out
+    if accelerator.is_main_process:
+        for path in previous.iterdir():
+            if path.is_file():
+                _link_or_copy(path, work / path.name)
+        total = {"sequential": True, "pairs": [[p.language, p.task] for p in pairs],
+                 "stages": summaries, "mode": config.mode,
+                 "train_seconds": sum(s["train_seconds"] for s in summaries),
+                 "samples": sum(s["samples"] for s in summaries)}
+        (work / "training.json").write_text(json.dumps(total, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+    accelerator.wait_for_everyone()
+    return json.loads((out / "training.json").read_text())
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link ``source`` (no extra disk for the final model), copying across devices."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)

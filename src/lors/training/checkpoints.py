@@ -1,0 +1,92 @@
+"""Resumable training state: complete checkpoints or none, and the best-so-far weights.
+
+A checkpoint is accelerate's state (model, optimizer, scheduler and every process's RNG) plus
+``trainer_state.json``, written into ``step-N.tmp`` and renamed to ``step-N`` only when
+complete; older checkpoints are removed after that. A full disk or a kill while saving
+therefore leaves the previous checkpoint as the newest valid one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import LorsError
+
+STATE_FILE = "trainer_state.json"
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete ``step-N`` checkpoint under ``folder``, or None."""
+    found = [p for p in Path(folder).glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
+             and (p / STATE_FILE).is_file()]
+    return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def save_checkpoint(accelerator, folder: Path, step: int, state: dict) -> Path:
+    """Save a checkpoint for ``step`` (all processes call this); returns its folder."""
+    final = Path(folder) / f"step-{step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        with _quiet_shared_tensor_notice():
+            accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+            os.replace(tmp, final)
+            for old in Path(folder).glob("step-*"):
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(folder)
+        kept = f"the last valid checkpoint is {previous}" if previous else "no checkpoint was kept"
+        full = " (disk full)" if exc.errno == errno.ENOSPC else ""
+        raise LorsError(f"could not save the step-{step} checkpoint in {folder}{full}: {exc}; "
+                        f"{kept}. Free space and re-run the same command to resume") from exc
+    return final
+
+
+@contextlib.contextmanager
+def _quiet_shared_tensor_notice():
+    """accelerate warns on every save that Whisper's tied proj_out is stored once; it is
+    restored from embed_tokens on load, so the notice is noise here."""
+    logger = logging.getLogger("accelerate.utils.other")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def load_checkpoint(accelerator, checkpoint: Path) -> dict:
+    """Restore model, optimizer, scheduler and RNG from ``checkpoint``; return its state."""
+    accelerator.load_state(str(checkpoint))
+    return json.loads((checkpoint / STATE_FILE).read_text())
+
+
+def save_best(folder: Path, weights: dict[str, torch.Tensor], info: dict) -> None:
+    """Write the best-so-far trainable weights and their metric, each atomically."""
+    tmp = folder / "best.safetensors.tmp"
+    save_file(weights, str(tmp))
+    os.replace(tmp, folder / "best.safetensors")
+    info_tmp = folder / "best.json.tmp"
+    info_tmp.write_text(json.dumps(info, indent=2))
+    os.replace(info_tmp, folder / "best.json")
+
+
+def load_best(folder: Path) -> dict[str, torch.Tensor] | None:
+    path = Path(folder) / "best.safetensors"
+    return load_file(str(path)) if path.is_file() else None

@@ -1,0 +1,240 @@
+"""One training run (an expert, the MTL model, or one sequential stage), resumable.
+
+Data path: selected utterances -> prompts/labels -> features on the short encoder window (or
+cached encoder outputs) -> deterministic balanced batches -> AdamW with warmup and linear
+decay, through accelerate (one CPU process, or one process per GPU under
+``accelerate launch``) -> dev metric -> best weights -> a standard Whisper folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+from transformers.modeling_outputs import BaseModelOutput
+
+from ..errors import LorsError
+from ..evaluation.window import encoder_window
+from . import checkpoints, schedule
+from .batching import PairExamples, collate, tokenize_pairs
+from .config import TrainConfig
+from .data import PairData, window_positions
+from .dev import dev_score
+from .inputs import cached_encoder_outputs, log_mel
+from .modes import export_model, load_whisper, prepare_model, trainable_state
+
+StepHook = Callable[[int, dict], None]
+"""Called after every optimizer step with (steps done, the step's log record)."""
+
+
+def _warmup_linear(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return factor
+
+
+class _JsonlLog:
+    """Append-only JSONL log; on resume, records after the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        if enabled and path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+def train_stage(config: TrainConfig, accelerator, base_dir: Path, pairs: list[PairData],
+                out: Path, stage: str = "", on_step: StepHook | None = None) -> dict:
+    """Train from ``base_dir`` on ``pairs`` and write the best model to ``out``.
+
+    Work happens in ``<out>.partial``; a re-run with the same settings resumes from its
+    newest checkpoint, and ``out`` appears (renamed) only once complete. Returns the
+    summary also written to ``out/training.json``.
+    """
+    work = out.with_name(out.name + ".partial")
+    whisper, processor = load_whisper(base_dir)
+    extractor, tokenizer = processor.feature_extractor, processor.tokenizer
+    positions = window_positions(max(u.duration for p in pairs for u in p.train + p.dev),
+                                 whisper.config.max_source_positions, extractor.hop_length)
+    examples = tokenize_pairs(tokenizer, pairs, whisper.config.max_target_positions)
+    sizes = [len(p.train) for p in examples]
+    steps = config.max_steps or schedule.steps_for_epochs(sizes, config.epochs, config.batch_size)
+    eval_every = config.eval_every or max(1, steps // 10)
+    save_every = config.save_every or eval_every
+    fingerprint = config.fingerprint(base=str(base_dir), stage=stage, steps=steps,
+                                     data=[p.train_ids + p.dev_ids for p in examples])
+    _claim_work_dir(work, fingerprint, config.force, accelerator)
+    show = config.show_progress and accelerator.is_local_main_process
+
+    utterances = {u.id: u for p in pairs for u in p.train + p.dev}
+    cached = config.mode == "freeze-encoder"
+    if cached:
+        cache_dir = Path(config.cache_dir) if config.cache_dir else _default_cache()
+        whisper.to(accelerator.device)
+        inputs = cached_encoder_outputs(whisper, extractor, list(utterances.values()), positions,
+                                        cache_dir / "encoder-outputs", show_progress=show)
+    else:
+        inputs = log_mel(extractor, list(utterances.values()), positions, show_progress=show)
+
+    model = prepare_model(whisper, config.mode, config.lora_rank, config.lora_alpha)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    warmup = int(config.warmup_fraction * steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_linear(warmup, steps))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    state = {"step": 0, "best_score": None, "best_step": None, "train_seconds": 0.0,
+             "samples": 0}
+    latest = checkpoints.latest_checkpoint(work / "checkpoints")
+    if latest is not None:
+        state = checkpoints.load_checkpoint(accelerator, latest)
+    log = _JsonlLog(work / "train_log.jsonl", state["step"], accelerator.is_main_process)
+    plan = schedule.batches(sizes, config.seed, steps, config.batch_size)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def batch_for(step: int) -> dict:
+        mine = plan[step][accelerator.process_index::accelerator.num_processes]
+        chosen = [(examples[p].train_ids[i], examples[p].train[i]) for p, i in mine]
+        return collate([inputs[uid] for uid, _ in chosen], [e for _, e in chosen], pad_id)
+
+    def forward(batch: dict):
+        device = accelerator.device
+        kwargs = {"decoder_input_ids": batch["decoder_input_ids"].to(device),
+                  "labels": batch["labels"].to(device)}
+        if cached:
+            hidden = batch["inputs"].to(device)
+            return model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), **kwargs)
+        with encoder_window(whisper, positions):
+            return model(input_features=batch["inputs"].to(device), **kwargs)
+
+    bar = tqdm(total=steps, initial=state["step"], desc=f"train {stage}".strip(), unit="step",
+               disable=not show, dynamic_ncols=True)
+    while state["step"] < steps:
+        step = state["step"]
+        model.train()
+        batch = batch_for(step)
+        started = time.perf_counter()
+        loss = forward(batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - started
+        samples = len(plan[step])
+        state.update(step=step + 1, train_seconds=state["train_seconds"] + seconds,
+                     samples=state["samples"] + samples)
+        record = {"step": step + 1, "loss": round(loss.item(), 6),
+                  "lr": scheduler.get_last_lr()[0], "samples_per_second": samples / seconds,
+                  "step_seconds": seconds, "stage": stage}
+        log.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{samples / seconds:.1f}")
+        bar.update(1)
+        done = state["step"]
+        if done % eval_every == 0 or done == steps:
+            score = dev_score(config.select, accelerator.unwrap_model(model), whisper, processor,
+                              examples, inputs, pairs, positions, cached, pad_id,
+                              accelerator.device)
+            improved = score is not None and (state["best_score"] is None
+                                              or score > state["best_score"])
+            if improved or (score is None and done == steps):
+                state.update(best_score=score, best_step=done)
+                if accelerator.is_main_process:
+                    checkpoints.save_best(work, trainable_state(accelerator.unwrap_model(model)),
+                                          {"step": done, "score": score, "metric": config.select})
+            log.write({"step": done, "dev_" + config.select.replace("-", "_"): score,
+                       "best_step": state["best_step"]})
+        if done % save_every == 0 and done < steps:
+            checkpoints.save_checkpoint(accelerator, work / "checkpoints", done, state)
+        if on_step is not None:
+            on_step(done, record)
+    bar.close()
+    return _finish(config, accelerator, model, base_dir, work, out, state, steps, positions,
+                   pairs, stage)
+
+
+def _finish(config, accelerator, model, base_dir, work, out, state, steps, positions, pairs,
+            stage) -> dict:
+    """Load the best weights, export the model into ``work/model``, rename it to ``out``."""
+    unwrapped = accelerator.unwrap_model(model)
+    best = checkpoints.load_best(work)
+    if best is not None:
+        unwrapped.load_state_dict(best, strict=False)
+    summary = {"stage": stage, "pairs": [[p.language, p.task] for p in pairs],
+               "mode": config.mode, "steps": steps, "best_step": state["best_step"],
+               "best_dev_score": state["best_score"], "select": config.select,
+               "samples": state["samples"], "train_seconds": round(state["train_seconds"], 3),
+               "samples_per_second": state["samples"] / max(state["train_seconds"], 1e-9),
+               "window_seconds": 2 * positions * 160 / 16000 if positions else None,
+               "encoder_positions": positions, "base": str(base_dir), "seed": config.seed,
+               "learning_rate": config.lr, "batch_size": config.batch_size,
+               "train_utterances": {f"{p.language}-{p.task}": len(p.train) for p in pairs},
+               "dev_utterances": {f"{p.language}-{p.task}": len(p.dev) for p in pairs},
+               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "device": str(accelerator.device), "processes": accelerator.num_processes}
+    if torch.cuda.is_available():
+        summary["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if accelerator.is_main_process:
+        folder = work / "model"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        summary["files"] = export_model(unwrapped, config.mode, base_dir, folder)
+        (folder / "training.json").write_text(json.dumps(summary, indent=2))
+        shutil.copy2(work / "train_log.jsonl", folder / "train_log.jsonl")
+        _replace(folder, out)
+        shutil.rmtree(work, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _replace(folder: Path, out: Path) -> None:
+    """Rename ``folder`` to ``out``; an existing ``out`` (--force) is swapped out first."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        folder.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        folder.rename(out)
+
+
+def _claim_work_dir(work: Path, fingerprint: str, force: bool, accelerator) -> None:
+    """Create ``work`` or reuse it when it holds an interrupted run of the same settings."""
+    marker = work / "run.json"
+    if accelerator.is_main_process:
+        if marker.is_file():
+            previous = json.loads(marker.read_text()).get("fingerprint")
+            if previous != fingerprint:
+                if not force:
+                    raise LorsError(f"{work} holds an interrupted run with other settings; "
+                                    "delete it, or pass --force to discard it and start over")
+                shutil.rmtree(work)
+        elif work.exists() and any(work.iterdir()):
+            if not force:
+                raise LorsError(f"{work} exists but is not a lors training run; delete it or "
+                                "choose another --out")
+            shutil.rmtree(work)
+        (work / "checkpoints").mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"fingerprint": fingerprint}))
+    accelerator.wait_for_everyone()
+
+
+def _default_cache() -> Path:
+    from ..base import default_cache_dir
+
+    return default_cache_dir()
