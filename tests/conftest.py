@@ -32,3 +32,32 @@ def read_json(path: Path) -> dict:
 
 
 __all__ = ["load_state", "read_json", "save_tiny_base"]
+
+
+TINY_WORDS = ["hallo welt", "guten tag", "ein hund", "das haus", "bonjour", "le chat", "un pain",
+              "la mer", "gut", "oui", "rot", "vert"]
+
+
+def make_tiny_speech(root: Path, counts: dict[str, int], languages=("de", "fr")) -> list:
+    """Short clips (a tone plus noise, 0.4-0.9 s) with short transcripts and translations,
+    for the tiny Whisper's languages; ``counts`` is clips per split, e.g. {"train": 8}."""
+    import numpy as np
+
+    from lors.data.audio import write_wav
+    from lors.data.manifest import Utterance
+    rng = np.random.default_rng(0)
+    utterances = []
+    for language in languages:
+        for split, count in counts.items():
+            for i in range(count):
+                seconds = 0.4 + 0.5 * rng.random()
+                t = np.arange(int(seconds * 16000)) / 16000
+                audio = 0.3 * np.sin(2 * np.pi * (200 + 40 * i) * t) + 0.05 * rng.standard_normal(t.size)
+                path = root / "audio" / f"{language}-{split}-{i}.wav"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_wav(path, audio.astype(np.float32))
+                text = TINY_WORDS[(i + (6 if language == "fr" else 0)) % len(TINY_WORDS)]
+                utterances.append(Utterance(id=f"{language}-{split}-{i}", language=language,
+                                            split=split, audio=str(path), duration=seconds,
+                                            transcript=text, translation=f"the {text}"))
+    return utterances

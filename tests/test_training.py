@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_state
-from lors.data.audio import write_wav
+from conftest import load_state, make_tiny_speech
 from lors.data.manifest import Utterance, write_manifest
 from lors.errors import LorsError, OutputExistsError
 from lors.tiny import save_tiny_base
@@ -20,30 +19,12 @@ from lors.training.batching import collate, tokenize_pairs
 from lors.training.data import select
 from lors.training.schedule import example_stream
 
-WORDS = ["hallo welt", "guten tag", "ein hund", "das haus", "bonjour", "le chat", "un pain",
-         "la mer", "gut", "oui", "rot", "vert"]
-
-
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory) -> dict:
     """A tiny base with a 10 s window and de/fr clips (0.4-0.9 s of noise plus a tone)."""
     root = tmp_path_factory.mktemp("train")
     base = save_tiny_base(root / "base", chunk_seconds=10)
-    rng = np.random.default_rng(0)
-    utterances = []
-    for language in ("de", "fr"):
-        for split, count in (("train", 8), ("dev", 4)):
-            for i in range(count):
-                seconds = 0.4 + 0.5 * rng.random()
-                t = np.arange(int(seconds * 16000)) / 16000
-                audio = 0.3 * np.sin(2 * np.pi * (200 + 40 * i) * t) + 0.05 * rng.standard_normal(t.size)
-                path = root / "audio" / f"{language}-{split}-{i}.wav"
-                path.parent.mkdir(exist_ok=True)
-                write_wav(path, audio.astype(np.float32))
-                text = WORDS[(i + (6 if language == "fr" else 0)) % len(WORDS)]
-                utterances.append(Utterance(id=f"{language}-{split}-{i}", language=language,
-                                            split=split, audio=str(path), duration=seconds,
-                                            transcript=text, translation=f"the {text}"))
+    utterances = make_tiny_speech(root, {"train": 8, "dev": 4})
     manifest = write_manifest(root / "manifest.jsonl", utterances)
     return {"root": root, "base": base, "manifest": manifest, "utterances": utterances}
 

@@ -158,6 +158,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiment.config import load_experiment
+    from .experiment.runner import run_experiment, summary
+    config = load_experiment(args.config, out=args.out)
+    experiment = run_experiment(config, show_progress=not args.quiet)
+    print(summary(experiment))
+    print(f"report: {experiment['report']['html']} (markdown: {experiment['report']['markdown']})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from importlib import resources
+    args.config = str(resources.files("lors.experiment") / "demo.yaml")
+    return cmd_experiment(args)
+
+
 def cmd_tiny(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
     from .fsutil import atomic_directory
@@ -268,6 +284,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="replace an existing output; discard an interrupted run with other settings")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
     tr.set_defaults(func=cmd_train)
+
+    x = commands.add_parser("experiment", help="run the paper-style experiment of a YAML config "
+                                               "(every stage cached) and write its report")
+    x.add_argument("config", help="experiment YAML (see examples/)")
+    x.add_argument("--out", help="experiment folder (default: the config's out)")
+    x.add_argument("--quiet", action="store_true")
+    x.set_defaults(func=cmd_experiment)
+
+    d = commands.add_parser("demo", help="the embedded default experiment: Whisper base, espeak-ng "
+                                         "speech in de/es/fr, experts, MTL, merges, report")
+    d.add_argument("--out", help="experiment folder (default runs/demo)")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
 
     t = commands.add_parser("tiny", help="write a tiny random Whisper base and experts (for trying "
                                           "lors in seconds)")

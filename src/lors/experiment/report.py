@@ -108,7 +108,10 @@ def _extensibility_section(experiment: dict) -> list[Block]:
     if not extensibility or not extensibility.get("rows"):
         return []
     language = extensibility.get("language", "?")
-    return [Heading(2, f"Adding a language ({language})"), extensibility_table(extensibility)]
+    blocks = [Heading(2, f"Adding a language ({language})"), extensibility_table(extensibility)]
+    if extensibility.get("note"):
+        blocks.append(Paragraph(extensibility["note"]))
+    return blocks
 
 
 def report_blocks(experiment: dict, plots_dir: Path) -> list[Block]:

@@ -30,6 +30,7 @@ class OpContext:
     thresholds: Sequence[float] | None = None        # global top-k thresholds, one per expert
     stats: dict = field(default_factory=dict)        # per-expert diagnostics the op records
     map: Callable = map                              # the engine passes a thread pool's map
+    svd_cache: dict | None = None                    # (tensor, expert) -> factors, for searches
 
     def record(self, key: str, expert: int, value: float) -> None:
         """Store one expert's diagnostic (safe from worker threads: one slot per expert)."""
@@ -40,6 +41,24 @@ class OpContext:
         if ratio is not None:
             return max(1, round(ratio * min(shape)))
         return int(self.params["rank"])
+
+    def factors(self, expert: int, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The top-r singular triplets of ``tau`` (r from :meth:`rank_for`).
+
+        With ``svd_cache`` (a hyper-parameter search), each (tensor, expert) is decomposed
+        once, at the largest rank asked for so far, and smaller ranks are its leading
+        triplets: a search over ranks costs one decomposition, not one per rank.
+        """
+        rank = self.rank_for(tau.shape)
+        if self.svd_cache is None:
+            return P.truncated_svd(tau, rank, **self.svd_options(expert))
+        key = (self.name, expert)
+        cached = self.svd_cache.get(key)
+        if cached is None or cached[1].numel() < min(rank, *tau.shape):
+            cached = P.truncated_svd(tau, rank, **self.svd_options(expert))
+            self.svd_cache[key] = cached
+        u, s, vh = cached
+        return u[:, :rank], s[:rank], vh[:rank]
 
     def svd_options(self, expert: int) -> dict:
         return {"exact": self.params["svd"] == "exact", "oversample": self.params["svd_oversample"],
@@ -79,13 +98,13 @@ def _magnitude(i: int, tau: Tensor, ctx: OpContext) -> Tensor:
 
 
 def _low_rank(i: int, tau: Tensor, ctx: OpContext) -> Tensor:
-    u, s, vh = P.truncated_svd(tau, ctx.rank_for(tau.shape), **ctx.svd_options(i))
+    u, s, vh = ctx.factors(i, tau)
     _record_energy(ctx, i, s, tau)
     return (u * s) @ vh
 
 
 def _lors(i: int, tau: Tensor, ctx: OpContext) -> Tensor:
-    u, s, vh = P.truncated_svd(tau, ctx.rank_for(tau.shape), **ctx.svd_options(i))
+    u, s, vh = ctx.factors(i, tau)
     scaled_u = u * s
     residual = torch.addmm(tau, scaled_u, vh, alpha=-1.0)  # R = tau - L in one pass
     kept = P.magnitude_mask(residual, ctx.params["keep"])

@@ -18,10 +18,20 @@ from .batching import PairExamples, collate
 from .prompts import IGNORE_INDEX
 
 
-@torch.inference_mode()
 def token_accuracy(model, whisper, examples: list[PairExamples], inputs: dict, positions: int,
                    cached: bool, pad_id: int, device, batch_size: int = 16) -> float | None:
     """Mean over pairs of the fraction of dev label tokens predicted exactly (argmax)."""
+    per_pair = [a for a in pair_token_accuracies(model, whisper, examples, inputs, positions,
+                                                 cached, pad_id, device, batch_size)
+                if a is not None]
+    return sum(per_pair) / len(per_pair) if per_pair else None
+
+
+@torch.inference_mode()
+def pair_token_accuracies(model, whisper, examples: list[PairExamples], inputs: dict,
+                          positions: int, cached: bool, pad_id: int, device,
+                          batch_size: int = 16) -> list[float | None]:
+    """Per pair, the fraction of its dev label tokens predicted exactly (None: no dev)."""
     model.eval()
     per_pair = []
     for pair in examples:
@@ -41,9 +51,8 @@ def token_accuracy(model, whisper, examples: list[PairExamples], inputs: dict, p
             mask = labels != IGNORE_INDEX
             correct += int((logits.argmax(-1)[mask] == labels[mask]).sum())
             total += int(mask.sum())
-        if total:
-            per_pair.append(correct / total)
-    return sum(per_pair) / len(per_pair) if per_pair else None
+        per_pair.append(correct / total if total else None)
+    return per_pair
 
 
 def decoded_score(whisper, processor, pairs) -> float | None:

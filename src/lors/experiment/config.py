@@ -1,0 +1,170 @@
+"""The experiment config: validated up front, before any speech is rendered or model trained."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..errors import ConfigError
+from ..merging import validate_config
+from ..merging.config import resolve
+
+Setting = Literal["asr", "st", "multitask", "all"]
+SETTING_TITLES = {"asr": "Multi-lingual ASR", "st": "Multi-lingual ST",
+                  "multitask": "Multi-task ({language})", "all": "All languages and tasks"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(_Strict):
+    """Where the speech comes from and how much of each split a pair uses."""
+
+    manifest: str | None = None  # None: the sentence bank rendered with espeak-ng
+    train_per_pair: int | None = Field(default=None, ge=1)
+    dev_per_pair: int | None = Field(default=None, ge=1)
+    test_per_pair: int | None = Field(default=None, ge=1)
+
+
+class TrainingSpec(_Strict):
+    """How experts, the MTL model and sequential stages are trained (same recipe for all)."""
+
+    mode: Literal["full", "freeze-encoder", "lora"] = "full"
+    max_steps: int | None = Field(default=None, ge=1)  # per expert and per sequential stage
+    epochs: float = Field(default=3.0, gt=0)
+    batch_size: int = Field(default=8, ge=1)
+    learning_rate: float | None = Field(default=None, gt=0)
+    seed: int = 0
+    select: Literal["token-accuracy", "wer-bleu"] = "token-accuracy"
+    eval_every: int | None = Field(default=None, ge=1)
+
+
+class SearchSpec(_Strict):
+    """The dev-set hyper-parameter search of every merge method."""
+
+    metric: Literal["token-accuracy", "wer-bleu"] = "token-accuracy"
+
+
+class EvaluationSpec(_Strict):
+    batch_size: int = Field(default=8, ge=1)
+    num_beams: int = Field(default=1, ge=1)
+    max_new_tokens: int = Field(default=64, ge=1)
+
+
+class ExtensibilitySpec(_Strict):
+    """Add ``language`` to a merge of the other languages and compare the ways to do it."""
+
+    language: str
+
+
+class ExperimentConfig(_Strict):
+    """``methods`` maps each merge method to a grid: parameter -> value or list of values."""
+
+    name: str = "experiment"
+    base: str | None = None
+    languages: list[str]
+    tasks: list[Literal["asr", "st"]] = ["asr", "st"]
+    settings: list[Setting] = ["all"]
+    baselines: list[Literal["mtl", "sequential"]] = ["mtl", "sequential"]
+    methods: dict[str, dict[str, Any]]
+    data: DataSpec = DataSpec()
+    training: TrainingSpec = TrainingSpec()
+    search: SearchSpec = SearchSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    extensibility: ExtensibilitySpec | None = None
+    out: str = "runs/experiment"
+
+    @field_validator("languages")
+    @classmethod
+    def _languages(cls, languages: list[str]) -> list[str]:
+        if not languages:
+            raise ValueError("at least one language is needed")
+        for language in languages:
+            if not (language.isalpha() and language.islower() and len(language) in (2, 3)):
+                raise ValueError(f"language {language!r} is not an ISO 639-1 code like 'de'")
+        return languages
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ExperimentConfig":
+        if "st" in self.settings and "st" not in self.tasks:
+            raise ValueError("setting 'st' needs task 'st' in tasks")
+        if "asr" in self.settings and "asr" not in self.tasks:
+            raise ValueError("setting 'asr' needs task 'asr' in tasks")
+        if self.extensibility and self.extensibility.language not in self.languages:
+            raise ValueError("extensibility.language must be one of languages")
+        if self.extensibility and len(self.languages) < 2:
+            raise ValueError("extensibility needs at least two languages")
+        return self
+
+    def grid(self, method: str) -> list[dict]:
+        """Every point of ``method``'s grid, lambda last so points differ only in it last."""
+        spec = self.methods[method]
+        keys = sorted(spec, key=lambda k: (k == "lambda", k))
+        values = [v if isinstance(v, list) else [v] for v in (spec[k] for k in keys)]
+        return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+    def pairs(self) -> list[tuple[str, str]]:
+        return [(language, task) for language in self.languages for task in self.tasks]
+
+    def setting_pairs(self) -> list[tuple[str, str, list[tuple[str, str]]]]:
+        """(setting id, title, pairs) for every configured setting (multitask: per language)."""
+        out = []
+        for setting in self.settings:
+            if setting == "multitask":
+                for language in self.languages:
+                    out.append((f"multitask-{language}",
+                                SETTING_TITLES["multitask"].format(language=language),
+                                [(language, task) for task in self.tasks]))
+            else:
+                pairs = [p for p in self.pairs() if setting == "all" or p[1] == setting]
+                out.append((setting, SETTING_TITLES[setting], pairs))
+        return out
+
+
+def digest(*parts: Any) -> str:
+    """A short stable hash of JSON-serialisable parts: the cache key of a stage."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def check_methods(config: ExperimentConfig) -> None:
+    """ConfigError for an unknown method or a parameter the method does not read, per point."""
+    for method in config.methods:
+        for point in config.grid(method):
+            validate_and_resolve(method, point, experts=2, source=f"methods.{method}")
+
+
+def validate_and_resolve(method: str, params: dict, experts: int, source: str) -> dict:
+    raw = {"base": "unused", "method": method, "parameters": params,
+           "experts": [{"name": f"e{i}", "path": "unused"} for i in range(experts)]}
+    return resolve(validate_config(raw, source=source))[1]
+
+
+def load_experiment(path: str | Path | None = None, **overrides) -> ExperimentConfig:
+    """Read and validate an experiment YAML (ConfigError naming the file and field)."""
+    raw: dict = {}
+    source = "experiment config"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read experiment config {path}: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: an experiment config is a mapping of settings")
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        config = ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}"
+                             for e in exc.errors())
+        raise ConfigError(f"{source}: invalid experiment config: {problems}") from None
+    check_methods(config)
+    return config

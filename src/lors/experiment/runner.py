@@ -1,0 +1,229 @@
+"""``run_experiment``: the paper's pipeline on one config, every stage cached.
+
+base (zero-shot) -> experts per (language, task) -> MTL and sequential models per setting ->
+dev search of every merge method (decompositions computed once) -> the chosen merges, written
+by the streaming engine -> test evaluation of everything -> normalised performance ->
+extensibility -> report (markdown, HTML, plots).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..base import resolve_model_reference
+from ..checkpoint.reader import open_checkpoint
+from ..data.manifest import read_manifest
+from ..errors import LorsError
+from ..evaluation.decode import check_references
+from ..fsutil import atomic_file
+from ..merging import merge, validate_config
+from ..training import TrainConfig
+from ..training.api import check_base_knows, default_speech
+from ..training.data import select
+from .config import ExperimentConfig, digest
+from .extend import extensibility
+from .normalised import normalised_performance
+from .report import format_summary_table, write_report
+from .search import DevScorer, Lazy, TaskVectors, best_point, search_method
+from .stages import cached_json, device_name, evaluated, trained_model
+
+
+class Experiment:
+    """The resolved inputs of one experiment and the paths of its stages."""
+
+    def __init__(self, config: ExperimentConfig, show_progress: bool = True) -> None:
+        self.config, self.show = config, show_progress
+        self.out = Path(config.out)
+        self.base = Path(resolve_model_reference(config.base))
+        check_base_knows(self.base, config.pairs())
+        manifest = config.data.manifest or default_speech(config.languages, show_progress)
+        utterances = read_manifest(manifest)
+        self.selection = select(utterances, config.pairs(), str(manifest),
+                                limit=config.data.train_per_pair,
+                                dev_limit=config.data.dev_per_pair)
+        self.test = {}
+        for language, task in config.pairs():
+            clips = [u for u in utterances if u.language == language and u.split == "test"]
+            clips = clips[:config.data.test_per_pair]
+            if not clips:
+                raise LorsError(f"no test utterances for {language} in {manifest}")
+            check_references(clips, task, str(manifest))
+            self.test[(language, task)] = clips
+        self.utterances = list({u.id: u for u in self.selection.utterances
+                                + [c for cs in self.test.values() for c in cs]}.values())
+        self.data_key = digest(open_checkpoint(str(self.base)).fingerprint,
+                               [u.id for u in self.utterances],
+                               config.data.model_dump())
+        self.train_key = digest(self.data_key, config.training.model_dump())
+        self.eval_key = digest(self.data_key, config.evaluation.model_dump())
+
+    # --- paths -----------------------------------------------------------------------
+    def model_path(self, name: str, key: str) -> Path:
+        return self.out / "models" / f"{name}-{key}"
+
+    def train_config(self, pairs, out: Path, **extra) -> TrainConfig:
+        spec = self.config.training
+        values = dict(base=str(self.base), pairs=pairs, out=str(out), mode=spec.mode,
+                      max_steps=spec.max_steps, epochs=spec.epochs, batch_size=spec.batch_size,
+                      learning_rate=spec.learning_rate, seed=spec.seed, select=spec.select,
+                      eval_every=spec.eval_every, limit=self.config.data.train_per_pair,
+                      dev_limit=self.config.data.dev_per_pair,
+                      cache_dir=str(self.out / "cache"), show_progress=self.show)
+        return TrainConfig(**{**values, **extra})
+
+    def test_results(self, name: str, model: str | Path, pairs) -> dict:
+        clips = [c for cs in self.test.values() for c in cs]
+        return evaluated(self.out / "eval" / f"{name}-{digest(str(model), pairs, self.eval_key)}.json",
+                         model, clips, pairs, self.config.evaluation)
+
+    # --- stages ----------------------------------------------------------------------
+    def expert(self, pair) -> dict:
+        path = self.model_path(f"expert-{pair[0]}-{pair[1]}", self.train_key)
+        return trained_model(path, self.train_config([pair], path), self.utterances)
+
+    def mtl(self, setting: str, pairs) -> dict:
+        path = self.model_path(f"mtl-{setting}", self.train_key)
+        steps = self.config.training.max_steps
+        # the same number of samples as all the setting's experts together
+        extra = {"max_steps": steps * len(pairs)} if steps else {}
+        return trained_model(path, self.train_config(pairs, path, **extra), self.utterances)
+
+    def sequential(self, setting: str, pairs) -> dict:
+        path = self.model_path(f"sequential-{setting}", self.train_key)
+        return trained_model(path, self.train_config(pairs, path, sequential=True),
+                             self.utterances)
+
+    def merged(self, setting: str, method: str, params: dict, experts: dict[str, str]) -> dict:
+        path = self.model_path(f"merge-{setting}-{method}", digest(self.train_key, params))
+        config = validate_config({"base": str(self.base), "method": method, "parameters": params,
+                                  "experts": [{"name": n, "path": p} for n, p in experts.items()]})
+
+        def run() -> dict:
+            started = time.perf_counter()
+            merge(config, path, force=True, progress=False)
+            return {"path": str(path), "merge_s": time.perf_counter() - started,
+                    "device": "cpu"}
+        cost = path.with_name(path.name + ".cost.json")
+        if path.is_dir() and cost.is_file():
+            return json.loads(cost.read_text())
+        return cached_json(cost, run)
+
+
+def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict:
+    """Run (or resume) the experiment; write ``experiment.json`` and the report; return it."""
+    exp = Experiment(config, show_progress)
+    say = print if show_progress else (lambda *a, **k: None)
+    pairs = config.pairs()
+    base_eval = exp.test_results("base", exp.base, pairs)
+    experts, expert_eval = {}, {}
+    for pair in pairs:
+        say(f"expert {pair[0]}-{pair[1]}")
+        experts[pair] = exp.expert(pair)
+        expert_eval[pair] = exp.test_results(f"expert-{pair[0]}-{pair[1]}", experts[pair]["path"], [pair])
+    expert_test = {pair: expert_eval[pair]["results"][0] for pair in pairs}
+    dev_pairs = {p.language: p.dev for p in exp.selection.pairs}
+    settings, sweeps, cosines = [], [], []
+    for setting, title, setting_pairs in config.setting_pairs():
+        say(f"setting {setting}: {', '.join('-'.join(p) for p in setting_pairs)}")
+        models = [_row("base", "zero-shot", base_eval, setting_pairs, expert_test),
+                  _expert_row(setting_pairs, experts, expert_eval, expert_test)]
+        for baseline in config.baselines:
+            if len(setting_pairs) < 2:
+                continue
+            trained = getattr(exp, baseline)(setting, setting_pairs)
+            result = exp.test_results(f"{baseline}-{setting}", trained["path"], setting_pairs)
+            models.append(_row(baseline, baseline, result, setting_pairs, expert_test,
+                               train_s=trained["train_s"]))
+        names = {f"{l}-{t}": experts[(l, t)]["path"] for l, t in setting_pairs}
+        dev = {p: dev_pairs[p[0]] for p in setting_pairs}
+        metric = config.search.metric
+        scorer = Lazy(lambda: DevScorer(exp.base, dev, metric))
+        vectors = Lazy(lambda: TaskVectors(str(exp.base), names))
+        expert_dev = cached_json(exp.out / "search" / f"{setting}-experts-{digest(exp.train_key, metric)}.json",
+                                 lambda: _expert_dev(scorer, experts, setting_pairs))
+        expert_dev = {tuple(k.split("|")): v for k, v in expert_dev.items()}
+        for method in config.methods:
+            say(f"  search {method}")
+            points = search_method(exp.out / "search", setting, method, config.grid(method),
+                                   vectors, scorer, expert_dev, metric,
+                                   digest(exp.train_key, metric))
+            sweeps += points
+            best = best_point(points)
+            merged = exp.merged(setting, method, best["params"], names)
+            result = exp.test_results(f"merge-{setting}-{method}", merged["path"], setting_pairs)
+            search_s = sum(p["seconds"] for p in points)
+            models.append(_row(method, "merge", result, setting_pairs, expert_test,
+                               params=best["params"], merge_s=merged["merge_s"] + search_s,
+                               train_s=sum(experts[p]["train_s"] for p in setting_pairs)))
+        matrix = cached_json(exp.out / "search" / f"{setting}-cosines-{exp.train_key}.json",
+                             lambda: {"matrix": vectors().cosines()})["matrix"]
+        cosines.append({"setting": setting, "labels": list(names), "matrix": matrix})
+        settings.append({"name": setting, "title": title, "pairs": [list(p) for p in setting_pairs],
+                         "models": models})
+    experiment = {"name": config.name, "size": _size(exp), "settings": settings,
+                  "sweeps": sweeps, "cosines": cosines, "notes": _notes(exp)}
+    if config.extensibility is not None:
+        experiment["extensibility"] = extensibility(exp, config.extensibility.language, experts,
+                                                    expert_test, settings)
+    with atomic_file(exp.out / "experiment.json", "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(experiment, indent=2, default=str) + "\n")
+    experiment["report"] = {k: str(v) if not isinstance(v, list) else [str(x) for x in v]
+                            for k, v in write_report(experiment, exp.out / "report").items()}
+    return experiment
+
+
+def _expert_dev(scorer, experts, pairs) -> dict:
+    out = {}
+    for pair in pairs:
+        scorer().load(model_dir=Path(experts[pair]["path"]))
+        out["|".join(pair)] = scorer().results()[pair]
+    return out
+
+
+def _row(name, kind, evaluation, pairs, expert_test, params=None, train_s=None,
+         merge_s=None) -> dict:
+    results = [r for r in evaluation["results"] if (r["language"], r["task"]) in set(pairs)]
+    results = [{k: v for k, v in r.items() if k != "utterances"} for r in results]
+    row = {"name": name, "kind": kind, "results": results,
+           "normalised": normalised_performance(results, expert_test)["percent"],
+           "cost": {"train_s": train_s, "merge_s": merge_s, "eval_s": evaluation["eval_s"],
+                    "device": evaluation.get("device", device_name())}}
+    if params is not None:
+        row["params"] = params
+    return row
+
+
+def _expert_row(pairs, experts, expert_eval, expert_test) -> dict:
+    results = [expert_test[p] for p in pairs]
+    results = [{k: v for k, v in r.items() if k != "utterances"} for r in results]
+    return {"name": "expert", "kind": "expert", "results": results, "normalised": 100.0,
+            "cost": {"train_s": sum(experts[p]["train_s"] for p in pairs), "merge_s": None,
+                     "eval_s": sum(expert_eval[p]["eval_s"] for p in pairs),
+                     "device": experts[pairs[0]]["device"]}}
+
+
+def _size(exp: Experiment) -> dict:
+    config = exp.config
+    return {"languages": config.languages, "tasks": config.tasks, "settings": config.settings,
+            "train_per_pair": min(len(p.train) for p in exp.selection.pairs),
+            "dev_per_pair": min(len(p.dev) for p in exp.selection.pairs),
+            "test_per_pair": min(len(c) for c in exp.test.values()),
+            "mode": config.training.mode, "steps_per_expert": config.training.max_steps,
+            "epochs": None if config.training.max_steps else config.training.epochs,
+            "batch_size": config.training.batch_size, "search_metric": config.search.metric,
+            "base": str(exp.base), "device": device_name()}
+
+
+def _notes(exp: Experiment) -> list[str]:
+    return [f"Normalised performance: per pair, WER_expert / WER_model (asr) or BLEU_model / "
+            f"BLEU_expert (st), averaged, in percent (100 = every expert at once).",
+            f"Hyper-parameters were chosen on dev by {exp.config.search.metric}, normalised by "
+            "each pair's expert; test utterances were not used for any choice.",
+            "Merge cost = the dev search plus the streaming merge; its train cost is the "
+            "experts' training time."]
+
+
+def summary(experiment: dict) -> str:
+    return format_summary_table(experiment)

@@ -1,0 +1,71 @@
+"""The experiment's cached stages: train, evaluate, search, merge.
+
+Every stage's output lives under the experiment folder at a path named by a hash of its
+inputs, and is written atomically (models through ``train``/``merge``, JSON through
+``atomic_file``). A stage whose output exists is skipped, so an interrupted experiment
+resumes where it stopped and changing a merge hyper-parameter re-runs only the search and
+merges: the experts' path depends only on the data and the training recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..evaluation import evaluate
+from ..fsutil import atomic_file
+from ..training import TrainConfig, train
+
+
+def device_name() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cached_json(path: Path, compute: Callable[[], dict]) -> dict:
+    """``path``'s JSON if it exists; else ``compute()``, written atomically and returned."""
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    value = compute()
+    with atomic_file(path, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n")
+    return value
+
+
+def trained_model(path: Path, config: TrainConfig, utterances: list) -> dict:
+    """Train ``config`` into ``path`` unless done; ``{"path", "train_s", "device"}``.
+
+    The wall-clock time (data preparation, training, dev checks and saving) is what the cost
+    table reports; it is stored beside the model so a cached model keeps its cost.
+    """
+    cost_file = path.with_name(path.name + ".cost.json")
+
+    def run() -> dict:
+        started = time.perf_counter()
+        train(config, utterances=utterances)
+        return {"path": str(path), "train_s": time.perf_counter() - started,
+                "device": device_name()}
+    if path.is_dir() and cost_file.is_file():
+        return json.loads(cost_file.read_text())
+    return cached_json(cost_file, run)
+
+
+def evaluated(path: Path, model: str | Path, utterances: list, pairs: list[tuple[str, str]],
+              spec) -> dict:
+    """Test-set results of ``model`` on ``pairs`` (each pair on its language's clips)."""
+    def run() -> dict:
+        started, results = time.perf_counter(), []
+        for language, task in pairs:
+            clips = [u for u in utterances if u.language == language]
+            report = evaluate(model, clips, languages=[language], tasks=[task],
+                              batch_size=spec.batch_size, num_beams=spec.num_beams,
+                              max_new_tokens=spec.max_new_tokens)
+            results += [{k: v for k, v in r.items()} for r in report["results"]]
+            results[-1]["utterances"] = [{k: u[k] for k in ("id", "reference", "hypothesis")}
+                                         for u in report["utterances"]]
+        return {"model": str(model), "results": results,
+                "eval_s": time.perf_counter() - started, "device": device_name()}
+    return cached_json(path, run)

@@ -1,0 +1,106 @@
+"""The experiment runner end to end on a tiny random Whisper, and its input checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import make_tiny_speech
+from lors.data.manifest import write_manifest
+from lors.errors import ConfigError, LorsError
+from lors.experiment.config import load_experiment
+from lors.experiment.runner import run_experiment, summary
+from lors.merging.methods import METHODS
+from lors.tiny import save_tiny_base
+
+
+@pytest.fixture(scope="module")
+def tiny_experiment(tmp_path_factory):
+    root = tmp_path_factory.mktemp("experiment")
+    base = save_tiny_base(root / "base", chunk_seconds=10)
+    manifest = write_manifest(root / "manifest.jsonl",
+                              make_tiny_speech(root, {"train": 6, "dev": 3, "test": 3}))
+    raw = {"name": "tiny", "base": str(base), "languages": ["de", "fr"], "tasks": ["asr", "st"],
+           "settings": ["all", "asr"], "data": {"manifest": str(manifest)},
+           "training": {"mode": "full", "max_steps": 3, "batch_size": 4, "learning_rate": 3e-3},
+           "evaluation": {"max_new_tokens": 8},
+           "methods": {"lors": {"rank": [1, 2], "keep": [0.2], "lambda": [0.5, 1.0]},
+                       "task_arithmetic": {"lambda": [0.5]}, "ties": {"keep": [0.2]},
+                       "dare": {"keep": 0.5, "seed": 1}, "magnitude": {}, "svd": {"rank": 2},
+                       "tsv": {}, "iso_c": {}, "average": {}},
+           "extensibility": {"language": "fr"}, "out": str(root / "out")}
+    path = root / "experiment.yaml"
+    import yaml
+    path.write_text(yaml.safe_dump(raw))
+    return root, path
+
+
+def test_tiny_experiment_reports_every_method_and_resumes(tiny_experiment):
+    root, path = tiny_experiment
+    experiment = run_experiment(load_experiment(path), show_progress=False)
+    names = {m["name"] for s in experiment["settings"] for m in s["models"]}
+    assert names == {"base", "expert", "mtl", "sequential"} | set(METHODS)
+    html = (root / "out" / "report" / "report.html").read_text()
+    markdown = (root / "out" / "report" / "report.md").read_text()
+    for name in names:
+        assert name in html and name in markdown
+    assert "data:image/png;base64," in html
+    everything = experiment["settings"][0]
+    assert everything["name"] == "all" and len(everything["pairs"]) == 4
+    for model in everything["models"]:
+        assert model["normalised"] is not None and len(model["results"]) == 4
+    lors_points = [p for p in experiment["sweeps"] if p["method"] == "lors" and p["setting"] == "all"]
+    assert len(lors_points) == 4
+    assert experiment["extensibility"]["rows"][0]["normalised"] is not None
+    assert "re-merged" in experiment["extensibility"]["note"]
+    assert "lors" in summary(experiment)
+
+    # a second run is served from the cache: no stage re-runs (files keep their mtimes)
+    stamps = {p: p.stat().st_mtime_ns for p in (root / "out").rglob("*.json")
+              if "report" not in p.parts and p.name != "experiment.json"}
+    again = run_experiment(load_experiment(path), show_progress=False)
+    assert again["settings"] == experiment["settings"]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # a new merge hyper-parameter re-runs the search only: the experts are not retrained
+    experts_before = {p.name for p in (root / "out" / "models").iterdir()}
+    searched_before = set((root / "out" / "search").iterdir())
+    changed = root / "changed.yaml"
+    raw = load_experiment(path).model_dump()
+    raw["methods"]["task_arithmetic"] = {"lambda": [0.5, 0.8]}
+    import yaml
+    changed.write_text(yaml.safe_dump(raw))
+    run_experiment(load_experiment(changed), show_progress=False)
+    new = {p.name for p in (root / "out" / "models").iterdir()} - experts_before
+    assert all(n.startswith("merge-") for n in new), new  # the chosen lambda may not change
+    searched = set((root / "out" / "search").iterdir()) - searched_before
+    assert len(searched) == 2 and all("task_arithmetic" in p.name for p in searched)  # 0.8, 2 settings
+
+
+def test_bad_experiment_configs_fail_before_any_work(tiny_experiment, tmp_path):
+    root, path = tiny_experiment
+    import yaml
+    raw = yaml.safe_load(path.read_text())
+    for methods, message in (({"lorz": {}}, "unknown method|lorz"),
+                             ({"lors": {"density": [0.2]}}, "density"),
+                             ({"task_arithmetic": {"rank": [2]}}, "not used by method")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump({**raw, "methods": methods, "out": str(tmp_path / "o")}))
+        with pytest.raises(ConfigError, match=message):
+            load_experiment(bad)
+    bad.write_text(yaml.safe_dump({**raw, "languages": ["fr", "sv"], "out": str(tmp_path / "o")}))
+    with pytest.raises(LorsError, match=r"no language token <\|sv\|>"):
+        run_experiment(load_experiment(bad), show_progress=False)
+    no_refs = [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines()]
+    for record in no_refs:
+        if record["split"] == "test":
+            record["translation"] = None
+    manifest = tmp_path / "manifest.jsonl"
+    for record in no_refs:
+        record["audio"] = str((root / record["audio"]).resolve()) if not record["audio"].startswith("/") else record["audio"]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in no_refs))
+    bad.write_text(yaml.safe_dump({**raw, "data": {"manifest": str(manifest)}, "out": str(tmp_path / "o")}))
+    with pytest.raises(LorsError, match="has no translation"):
+        run_experiment(load_experiment(bad), show_progress=False)
+    assert not (tmp_path / "o").exists()
