@@ -86,6 +86,10 @@ def main() -> None:
     parser.add_argument("--cache", default=None)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--skip-freeze", action="store_true")
+    parser.add_argument("--eval-splits", default="dev",
+                        help="splits to measure WER on after training, e.g. dev,test")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse models and timings already in --workdir (re-score only)")
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -95,29 +99,34 @@ def main() -> None:
     from lors.evaluation import evaluate
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lors-bench-train-"))
     args.model = args.model or str(ensure_base_model(show_progress=False))
-    args.manifest = args.manifest or str(synthesize([args.language], ["train", "dev"],
+    splits = sorted(set(["train", "dev"] + args.eval_splits.split(",")))
+    args.manifest = args.manifest or str(synthesize([args.language], splits,
                                                     work / "speech", show_progress=False))
     args.cache = str(work / "cache")
     kinds = ["hf", "full"] + ([] if args.skip_freeze else ["freeze-encoder"])
     results, models = {}, {"base": args.model}
     for kind in kinds:
         out = work / f"model-{kind}"
-        results[kind] = run_worker(kind, args, out)
+        timing = work / f"timing-{kind}.json"
+        if args.reuse and timing.is_file():
+            results[kind] = json.loads(timing.read_text())
+        else:
+            results[kind] = run_worker(kind, args, out)
+            timing.write_text(json.dumps(results[kind]))
         models[kind] = str(out)
         print(f"{kind:15s} median step {results[kind]['median_step_s']:.2f} s  "
               f"{results[kind]['samples_per_second']:.2f} samples/s  "
               f"peak RSS {results[kind]['peak_rss_mib']:.0f} MiB", flush=True)
-    wer = {}
-    for name, path in models.items():
-        report = evaluate(path, args.manifest, languages=[args.language], tasks=[args.task],
-                          split="dev")
-        row = report["results"][0]
-        wer[name] = row.get("wer", row.get("bleu"))
+    from lors.data.manifest import read_manifest
+    clips = [u for u in read_manifest(args.manifest) if u.split in args.eval_splits.split(",")]
     metric = "WER %" if args.task == "asr" else "BLEU"
     print(f"\nsamples per run: {args.steps * args.batch_size} ({args.steps} steps x batch "
-          f"{args.batch_size}, lr {args.lr:g}); dev {metric} after training:")
-    for name, value in wer.items():
-        print(f"  {name:15s} {value * 100 if args.task == 'asr' else value:.1f}")
+          f"{args.batch_size}, lr {args.lr:g}); {metric} on {args.eval_splits} "
+          f"({len(clips)} clips) after training:")
+    for name, path in models.items():
+        row = evaluate(path, clips, languages=[args.language], tasks=[args.task])["results"][0]
+        value = row["wer"] * 100 if args.task == "asr" else row["bleu"]
+        print(f"  {name:15s} {value:.1f}", flush=True)
     hf = results["hf"]["samples_per_second"]
     for kind in kinds[1:]:
         print(f"ratio samples/s lors {kind} / HF Seq2SeqTrainer: "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import make_tiny_speech
 from lors.data.manifest import write_manifest
@@ -104,3 +105,41 @@ def test_bad_experiment_configs_fail_before_any_work(tiny_experiment, tmp_path):
     with pytest.raises(LorsError, match="has no translation"):
         run_experiment(load_experiment(bad), show_progress=False)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method,params", [
+    ("lors", {"rank": 2, "keep": 0.3}), ("task_arithmetic", {}), ("ties", {"keep": 0.3}),
+    ("dare", {"keep": 0.6, "seed": 3}), ("magnitude", {"keep": 0.3}), ("svd", {"rank": 2}),
+    ("tsv", {}), ("iso_c", {}), ("average", {})])
+def test_search_merges_equal_the_streaming_engine(tiny_models, tmp_path, method, params):
+    """The in-memory search merge (lambda applied afterwards) is the engine's merge."""
+    from lors.experiment.taskvectors import TaskVectors
+    from lors.merging import merge, validate_config
+    from conftest import load_state
+    experts = {n: str(p) for n, p in tiny_models["experts"].items()}
+    vectors = TaskVectors(str(tiny_models["base"]), experts)
+    lam = 0.7
+    state = vectors.state(vectors.delta(method, params), lam)
+    given = params if method == "average" else {**params, "lambda": lam}
+    config = validate_config({"base": str(tiny_models["base"]), "method": method,
+                              "parameters": given,
+                              "experts": [{"name": n, "path": p} for n, p in experts.items()]})
+    merge(config, tmp_path / "merged", diagnostics=False, progress=False)
+    reference = load_state(tmp_path / "merged")
+    for name, tensor in state.items():
+        torch.testing.assert_close(tensor, reference[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_rank_sweep_decomposes_each_matrix_once(tiny_models, monkeypatch):
+    from lors.experiment.taskvectors import TaskVectors
+    from lors.merging import primitives
+    vectors = TaskVectors(str(tiny_models["base"]), {n: str(p) for n, p in tiny_models["experts"].items()})
+    calls = []
+    original = primitives.truncated_svd
+    monkeypatch.setattr(primitives, "truncated_svd", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for rank in (4, 2, 1):
+        for keep in (0.1, 0.3):
+            vectors.delta("lors", {"rank": rank, "keep": keep})
+    from lors.merging.groups import MATRIX_GROUPS, group_of
+    matrices = sum(1 for name in vectors.taus if group_of(name) in MATRIX_GROUPS)
+    assert len(calls) == matrices * len(vectors.names)

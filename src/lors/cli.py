@@ -161,7 +161,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     from .experiment.config import load_experiment
     from .experiment.runner import run_experiment, summary
-    config = load_experiment(args.config, out=args.out)
+    config = load_experiment(args.config, out=args.out, base=args.base)
     experiment = run_experiment(config, show_progress=not args.quiet)
     print(summary(experiment))
     print(f"report: {experiment['report']['html']} (markdown: {experiment['report']['markdown']})")
@@ -289,12 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(every stage cached) and write its report")
     x.add_argument("config", help="experiment YAML (see examples/)")
     x.add_argument("--out", help="experiment folder (default: the config's out)")
+    x.add_argument("--base", help="base model folder (default: the config's base, else the embedded one)")
     x.add_argument("--quiet", action="store_true")
     x.set_defaults(func=cmd_experiment)
 
     d = commands.add_parser("demo", help="the embedded default experiment: Whisper base, espeak-ng "
                                          "speech in de/es/fr, experts, MTL, merges, report")
     d.add_argument("--out", help="experiment folder (default runs/demo)")
+    d.add_argument("--base", help="base model folder (default: the embedded Whisper base)")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
 

@@ -44,6 +44,8 @@ class TrainingSpec(_Strict):
     seed: int = 0
     select: Literal["token-accuracy", "wer-bleu"] = "token-accuracy"
     eval_every: int | None = Field(default=None, ge=1)
+    save_every: int | None = Field(default=None, ge=1)  # resumable checkpoints (default: each eval)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
 
 
 class SearchSpec(_Strict):

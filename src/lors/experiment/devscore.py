@@ -27,6 +27,7 @@ class DevScorer:
 
     def __init__(self, base_dir: Path, pairs: dict[tuple[str, str], list], metric: str) -> None:
         self.whisper, self.processor = load_whisper(base_dir)
+        self.whisper.to("cuda" if torch.cuda.is_available() else "cpu")
         self.metric, self.pairs = metric, pairs
         self.data = [PairData(language, task, [], utts) for (language, task), utts in pairs.items()]
         extractor = self.processor.feature_extractor
@@ -47,7 +48,7 @@ class DevScorer:
             from ..checkpoint.reader import open_checkpoint
             ckpt = open_checkpoint(str(model_dir))
             state = {name: ckpt.read(name) for name in ckpt.meta}
-        missing, unexpected = self.whisper.load_state_dict(state, strict=False)
+        missing, unexpected = self.whisper.load_state_dict(state, strict=False)  # copies to device
         if unexpected or any(m != "proj_out.weight" for m in missing):
             raise RuntimeError(f"state does not fit the model: missing {missing}, "
                                f"unexpected {unexpected}")

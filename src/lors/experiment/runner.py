@@ -68,15 +68,19 @@ class Experiment:
         values = dict(base=str(self.base), pairs=pairs, out=str(out), mode=spec.mode,
                       max_steps=spec.max_steps, epochs=spec.epochs, batch_size=spec.batch_size,
                       learning_rate=spec.learning_rate, seed=spec.seed, select=spec.select,
-                      eval_every=spec.eval_every, limit=self.config.data.train_per_pair,
+                      eval_every=spec.eval_every, save_every=spec.save_every,
+                      mixed_precision=spec.mixed_precision,
+                      limit=self.config.data.train_per_pair,
                       dev_limit=self.config.data.dev_per_pair,
                       cache_dir=str(self.out / "cache"), show_progress=self.show)
         return TrainConfig(**{**values, **extra})
 
     def test_results(self, name: str, model: str | Path, pairs) -> dict:
         clips = [c for cs in self.test.values() for c in cs]
-        return evaluated(self.out / "eval" / f"{name}-{digest(str(model), pairs, self.eval_key)}.json",
-                         model, clips, pairs, self.config.evaluation)
+        path = self.out / "eval" / f"{name}-{digest(str(model), pairs, self.eval_key)}.json"
+        if self.show and not path.is_file():
+            print(f"  evaluate {name} on test ({len(pairs)} pairs)", flush=True)
+        return evaluated(path, model, clips, pairs, self.config.evaluation)
 
     # --- stages ----------------------------------------------------------------------
     def expert(self, pair) -> dict:
@@ -217,8 +221,8 @@ def _size(exp: Experiment) -> dict:
 
 
 def _notes(exp: Experiment) -> list[str]:
-    return [f"Normalised performance: per pair, WER_expert / WER_model (asr) or BLEU_model / "
-            f"BLEU_expert (st), averaged, in percent (100 = every expert at once).",
+    return ["Normalised performance: per pair, WER_expert / WER_model (asr) or BLEU_model / "
+            "BLEU_expert (st), averaged, in percent (100 = every expert at once).",
             f"Hyper-parameters were chosen on dev by {exp.config.search.metric}, normalised by "
             "each pair's expert; test utterances were not used for any choice.",
             "Merge cost = the dev search plus the streaming merge; its train cost is the "

@@ -62,7 +62,7 @@ def evaluated(path: Path, model: str | Path, utterances: list, pairs: list[tuple
             clips = [u for u in utterances if u.language == language]
             report = evaluate(model, clips, languages=[language], tasks=[task],
                               batch_size=spec.batch_size, num_beams=spec.num_beams,
-                              max_new_tokens=spec.max_new_tokens)
+                              max_new_tokens=spec.max_new_tokens, device=device_name())
             results += [{k: v for k, v in r.items()} for r in report["results"]]
             results[-1]["utterances"] = [{k: u[k] for k in ("id", "reference", "hypothesis")}
                                          for u in report["utterances"]]

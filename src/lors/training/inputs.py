@@ -25,16 +25,32 @@ from ..errors import LorsError
 from ..evaluation.window import encoder_window
 
 
+_FEATURES: dict[tuple, torch.Tensor] = {}
+"""Features already computed in this process, by audio file, window and extractor settings:
+an experiment trains many models on the same clips (experts, MTL, every sequential stage)."""
+
+
+def _feature_key(utt: Utterance, extractor, samples: int) -> tuple:
+    stat = os.stat(utt.audio)
+    return (str(Path(utt.audio).resolve()), stat.st_size, stat.st_mtime_ns, samples,
+            extractor.feature_size, extractor.hop_length, extractor.n_fft)
+
+
 def log_mel(extractor, utterances: Sequence[Utterance], positions: int,
             show_progress: bool = False, desc: str = "features") -> dict[str, torch.Tensor]:
     """``{utterance id: (n_mels, 2 * positions) float32 features}`` padded to the window.
 
     LorsError for audio longer than the window (the manifest's duration understated it).
+    Results are memoised per process (see :data:`_FEATURES`); callers must not modify them.
     """
     samples = 2 * positions * extractor.hop_length
     features = {}
     for utt in tqdm(utterances, desc=desc, unit="utt", disable=not show_progress, leave=False):
         if utt.id in features:
+            continue
+        key = _feature_key(utt, extractor, samples)
+        if key in _FEATURES:
+            features[utt.id] = _FEATURES[key]
             continue
         audio = load_audio(utt.audio)
         if len(audio) > samples:
@@ -45,7 +61,7 @@ def log_mel(extractor, utterances: Sequence[Utterance], positions: int,
         values = extractor(audio, sampling_rate=SAMPLE_RATE, max_length=samples,
                            padding="max_length", truncation=True,
                            return_tensors="pt").input_features[0]
-        features[utt.id] = values
+        features[utt.id] = _FEATURES[key] = values
     return features
 
 

@@ -8,7 +8,6 @@ decay, through accelerate (one CPU process, or one process per GPU under
 
 from __future__ import annotations
 
-import contextlib
 import json
 import resource
 import shutil
@@ -23,7 +22,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from ..errors import LorsError
 from ..evaluation.window import encoder_window
 from . import checkpoints, schedule
-from .batching import PairExamples, collate, tokenize_pairs
+from .batching import collate, tokenize_pairs
 from .config import TrainConfig
 from .data import PairData, window_positions
 from .dev import dev_score
