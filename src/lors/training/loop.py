@@ -121,6 +121,7 @@ def train_stage(config: TrainConfig, accelerator, base_dir: Path, pairs: list[Pa
         with encoder_window(whisper, positions):
             return model(input_features=batch["inputs"].to(device), **kwargs)
 
+    best, best_info = None, None  # a best-so-far snapshot not yet on disk
     bar = tqdm(total=steps, initial=state["step"], desc=f"train {stage}".strip(), unit="step",
                disable=not show, dynamic_ncols=True)
     while state["step"] < steps:
@@ -152,25 +153,29 @@ def train_stage(config: TrainConfig, accelerator, base_dir: Path, pairs: list[Pa
                                               or score > state["best_score"])
             if improved or (score is None and done == steps):
                 state.update(best_score=score, best_step=done)
-                if accelerator.is_main_process:
-                    checkpoints.save_best(work, trainable_state(accelerator.unwrap_model(model)),
-                                          {"step": done, "score": score, "metric": config.select})
+                # kept in memory; written to disk only with the next checkpoint (below)
+                best = trainable_state(accelerator.unwrap_model(model))
+                best_info = {"step": done, "score": score, "metric": config.select}
             log.write({"step": done, "dev_" + config.select.replace("-", "_"): score,
                        "best_step": state["best_step"]})
         if done % save_every == 0 and done < steps:
+            if best is not None and accelerator.is_main_process:
+                checkpoints.save_best(work, best, best_info)  # before the checkpoint naming it
+                best = None
             checkpoints.save_checkpoint(accelerator, work / "checkpoints", done, state)
         if on_step is not None:
             on_step(done, record)
     bar.close()
     return _finish(config, accelerator, model, base_dir, work, out, state, steps, positions,
-                   pairs, stage)
+                   pairs, stage, best)
 
 
 def _finish(config, accelerator, model, base_dir, work, out, state, steps, positions, pairs,
-            stage) -> dict:
-    """Load the best weights, export the model into ``work/model``, rename it to ``out``."""
+            stage, best) -> dict:
+    """Load the best weights (in memory, else the last saved), export the model into
+    ``work/model`` and rename it to ``out``."""
     unwrapped = accelerator.unwrap_model(model)
-    best = checkpoints.load_best(work)
+    best = best if best is not None else checkpoints.load_best(work)
     if best is not None:
         unwrapped.load_state_dict(best, strict=False)
     summary = {"stage": stage, "pairs": [[p.language, p.task] for p in pairs],
