@@ -63,3 +63,19 @@ def test_fine_tuning_the_real_base_lowers_dev_wer(base, tmp_path):
     before = evaluate(base, manifest, languages="ca", split="dev")["results"][0]["wer"]
     after = evaluate(tmp_path / "ca-asr", manifest, languages="ca", split="dev")["results"][0]["wer"]
     assert after < before - 0.05, (before, after)
+
+
+def test_demo_in_a_reduced_setting_prints_the_table_and_report(base, tmp_path, capsys):
+    """`lors demo --quick`: the demo's own stages (real base, espeak speech in de/es/fr, frozen
+    encoder, MTL, sequential, LoRS / task arithmetic / TIES) on a few sentences."""
+    from lors.cli import main
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    for name in ("base", "expert", "mtl", "sequential", "lors", "task_arithmetic", "ties"):
+        assert f"\n{name} " in printed
+    html = (tmp_path / "demo" / "report" / "report.html").read_text()
+    assert "report.html" in printed and "data:image/png;base64," in html
+    experiment = json.loads((tmp_path / "demo" / "experiment.json").read_text())
+    assert experiment["size"]["train_per_pair"] == 8 and experiment["size"]["mode"] == "freeze-encoder"
+    assert {tuple(p) for p in experiment["settings"][0]["pairs"]} == {
+        (l, t) for l in ("de", "es", "fr") for t in ("asr", "st")}

@@ -169,9 +169,13 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from importlib import resources
-    args.config = str(resources.files("lors.experiment") / "demo.yaml")
-    return cmd_experiment(args)
+    from .experiment.demo import demo_config
+    from .experiment.runner import run_experiment, summary
+    config = demo_config(quick=args.quick, out=args.out, base=args.base)
+    experiment = run_experiment(config, show_progress=not args.quiet)
+    print(summary(experiment))
+    print(f"report: {experiment['report']['html']} (markdown: {experiment['report']['markdown']})")
+    return 0
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
@@ -297,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "speech in de/es/fr, experts, MTL, merges, report")
     d.add_argument("--out", help="experiment folder (default runs/demo)")
     d.add_argument("--base", help="base model folder (default: the embedded Whisper base)")
+    d.add_argument("--quick", action="store_true",
+                   help="a few-minute smoke run of the same pipeline (8 sentences, 2 steps)")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
 

@@ -210,7 +210,7 @@ def _expert_row(pairs, experts, expert_eval, expert_test) -> dict:
 
 def _size(exp: Experiment) -> dict:
     config = exp.config
-    return {"languages": config.languages, "tasks": config.tasks, "settings": config.settings,
+    size = {"languages": config.languages, "tasks": config.tasks, "settings": config.settings,
             "train_per_pair": min(len(p.train) for p in exp.selection.pairs),
             "dev_per_pair": min(len(p.dev) for p in exp.selection.pairs),
             "test_per_pair": min(len(c) for c in exp.test.values()),
@@ -218,6 +218,7 @@ def _size(exp: Experiment) -> dict:
             "epochs": None if config.training.max_steps else config.training.epochs,
             "batch_size": config.training.batch_size, "search_metric": config.search.metric,
             "base": str(exp.base), "device": device_name()}
+    return {k: v for k, v in size.items() if v is not None}
 
 
 def _notes(exp: Experiment) -> list[str]:
