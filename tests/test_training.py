@@ -219,3 +219,22 @@ def test_bad_input_is_refused_before_training(tiny_setup, tmp_path):
     with pytest.raises(ValueError, match="ISO 639-1"):
         config(tiny_setup, tmp_path / "x", pairs=[("German", "asr")])
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
+def test_sequential_run_resumes_inside_its_second_stage(tiny_setup, tmp_path):
+    pairs = [("de", "asr"), ("fr", "asr")]
+    train(config(tiny_setup, tmp_path / "whole", sequential=True, save_every=2, pairs=pairs))
+    seen = []
+
+    def stop_in_stage_two(step, record):
+        seen.append(step)
+        if len(seen) == 6 + 3:  # stage 1 has 6 steps; stop after step 3 of stage 2
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tiny_setup, tmp_path / "seq", sequential=True, save_every=2, pairs=pairs),
+              on_step=stop_in_stage_two)
+    assert (tmp_path / "seq.partial" / "stages" / "01-de-asr" / "training.json").is_file()
+    train(config(tiny_setup, tmp_path / "seq", sequential=True, save_every=2, pairs=pairs))
+    reference = load_state(tmp_path / "whole")
+    for name, tensor in load_state(tmp_path / "seq").items():
+        torch.testing.assert_close(tensor, reference[name], rtol=1e-5, atol=1e-6)

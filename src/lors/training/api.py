@@ -57,7 +57,10 @@ def _accelerator(config: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision)
+    # The global batch of a step is split across processes, so the schedule advances once per
+    # optimizer step, not once per process (accelerate's default for per-process batches).
+    accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision,
+                              step_scheduler_with_optimizer=False)
     set_seed(config.seed)
     return accelerator
 

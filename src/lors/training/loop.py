@@ -202,6 +202,9 @@ def _finish(config, accelerator, model, base_dir, work, out, state, steps, posit
         _replace(folder, out)
         shutil.rmtree(work, ignore_errors=True)
     accelerator.wait_for_everyone()
+    # forget this stage's model and optimizer, so the next sequential stage's checkpoints
+    # hold only its own (a resumed stage registers exactly one of each)
+    accelerator.free_memory()
     return summary
 
 
