@@ -40,6 +40,7 @@ class TrainConfig(BaseModel):
     learning_rate: float | None = Field(default=None, gt=0)
     warmup_fraction: float = Field(default=0.1, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)  # gradient clipping; None: off
     seed: int = 0
     eval_every: int | None = Field(default=None, ge=1)
     save_every: int | None = Field(default=None, ge=1)

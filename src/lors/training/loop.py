@@ -131,6 +131,8 @@ def train_stage(config: TrainConfig, accelerator, base_dir: Path, pairs: list[Pa
         started = time.perf_counter()
         loss = forward(batch).loss
         accelerator.backward(loss)
+        if config.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
