@@ -238,3 +238,17 @@ def test_sequential_run_resumes_inside_its_second_stage(tiny_setup, tmp_path):
     reference = load_state(tmp_path / "whole")
     for name, tensor in load_state(tmp_path / "seq").items():
         torch.testing.assert_close(tensor, reference[name], rtol=1e-5, atol=1e-6)
+
+
+def test_cli_trains_and_reports_bad_input(tiny_setup, tmp_path, capsys):
+    from lors.cli import main
+    args = ["train", "--base", str(tiny_setup["base"]), "--manifest", str(tiny_setup["manifest"]),
+            "--languages", "de", "--tasks", "asr", "--max-steps", "2", "--batch-size", "4",
+            "--cache-dir", str(tmp_path / "cache"), "--cpu", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "de-asr")]) == 0
+    assert "trained de-asr (full): 8 samples" in capsys.readouterr().out
+    assert (tmp_path / "de-asr" / "model.safetensors").is_file()
+    assert main(args + ["--out", str(tmp_path / "de-asr")]) == 2  # exists
+    assert "already exists" in capsys.readouterr().err
+    assert main(args[:5] + ["--languages", "xx", "--out", str(tmp_path / "bad")]) == 2
+    assert "no language token <|xx|>" in capsys.readouterr().err
