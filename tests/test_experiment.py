@@ -23,7 +23,7 @@ def tiny_experiment(tmp_path_factory):
     manifest = write_manifest(root / "manifest.jsonl",
                               make_tiny_speech(root, {"train": 6, "dev": 3, "test": 3}))
     raw = {"name": "tiny", "base": str(base), "languages": ["de", "fr"], "tasks": ["asr", "st"],
-           "settings": ["all", "asr"], "data": {"manifest": str(manifest)},
+           "settings": ["all", "asr", "multitask"], "data": {"manifest": str(manifest)},
            "training": {"mode": "full", "max_steps": 3, "batch_size": 4, "learning_rate": 3e-3},
            "evaluation": {"max_new_tokens": 8},
            "methods": {"lors": {"rank": [1, 2], "keep": [0.2], "lambda": [0.5, 1.0]},
@@ -47,6 +47,8 @@ def test_tiny_experiment_reports_every_method_and_resumes(tiny_experiment):
     for name in names:
         assert name in html and name in markdown
     assert "data:image/png;base64," in html
+    assert [s["name"] for s in experiment["settings"]] == ["all", "asr", "multitask-de",
+                                                          "multitask-fr"]
     everything = experiment["settings"][0]
     assert everything["name"] == "all" and len(everything["pairs"]) == 4
     for model in everything["models"]:
@@ -76,7 +78,8 @@ def test_tiny_experiment_reports_every_method_and_resumes(tiny_experiment):
     new = {p.name for p in (root / "out" / "models").iterdir()} - experts_before
     assert all(n.startswith("merge-") for n in new), new  # the chosen lambda may not change
     searched = set((root / "out" / "search").iterdir()) - searched_before
-    assert len(searched) == 2 and all("task_arithmetic" in p.name for p in searched)  # 0.8, 2 settings
+    assert len(searched) == len(experiment["settings"]) == 4  # lambda 0.8 once per setting
+    assert all("task_arithmetic" in p.name for p in searched)
 
 
 def test_bad_experiment_configs_fail_before_any_work(tiny_experiment, tmp_path):
