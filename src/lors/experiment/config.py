@@ -143,10 +143,12 @@ def check_methods(config: ExperimentConfig) -> None:
             validate_and_resolve(method, point, experts=2, source=f"methods.{method}")
 
 
-def validate_and_resolve(method: str, params: dict, experts: int, source: str) -> dict:
+def validate_and_resolve(method: str, params: dict, experts: int,
+                         source: str) -> tuple[str, dict, dict[str, str]]:
+    """The engine's (method, parameters, op per group) for ``experts`` experts, without files."""
     raw = {"base": "unused", "method": method, "parameters": params,
            "experts": [{"name": f"e{i}", "path": "unused"} for i in range(experts)]}
-    return resolve(validate_config(raw, source=source))[1]
+    return resolve(validate_config(raw, source=source))
 
 
 def load_experiment(path: str | Path | None = None, **overrides) -> ExperimentConfig:

@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 from ..checkpoint.reader import open_checkpoint
-from ..checkpoint.writer import copy_aux_files
-from ..training.modes import load_whisper
+from ..training.modes import export_model, load_whisper
 from .config import digest, validate_and_resolve
 from .normalised import normalised_performance
 from .stages import cached_json
@@ -31,14 +30,14 @@ def _setting_with(settings: list[dict], language: str) -> dict | None:
 
 
 def _write_state(base: Path, state: dict, out: Path) -> None:
+    """Save ``state`` as a Whisper folder of the base's shape, written beside and renamed."""
     whisper, _ = load_whisper(base)
     whisper.load_state_dict(state, strict=False)
     whisper.tie_weights()
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    whisper.generation_config._from_model_config = False
-    whisper.save_pretrained(tmp)
-    copy_aux_files(base, tmp)
+    tmp.mkdir(parents=True)
+    export_model(whisper, "full", base, tmp)
     tmp.rename(out)
 
 
@@ -53,8 +52,8 @@ def extensibility(exp, language: str, experts: dict, expert_test: dict,
     old = {f"{l}-{t}": experts[(l, t)]["path"] for l, t in pairs if l != language}
     new = {f"{l}-{t}": experts[(l, t)]["path"] for l, t in pairs if l == language}
     existing = exp.merged(f"{setting['name']}-without-{language}", "lors", params, old)
-    lam_old = validate_and_resolve("lors", params, len(old), "extensibility")["lambda"]
-    lam_all = validate_and_resolve("lors", params, len(pairs), "extensibility")["lambda"]
+    lam_old = validate_and_resolve("lors", params, len(old), "extensibility")[1]["lambda"]
+    lam_all = validate_and_resolve("lors", params, len(pairs), "extensibility")[1]["lambda"]
     out = exp.model_path(f"extend-{setting['name']}-add-{language}",
                          digest(exp.train_key, params))
 
@@ -88,15 +87,12 @@ def extensibility(exp, language: str, experts: dict, expert_test: dict,
                          "cost_s": rows["mtl"]["cost"]["train_s"]})
     note = None
     if "lors" in rows:
-        a, b = open_checkpoint(str(out)), open_checkpoint(rows_path(exp, setting, params))
+        a = open_checkpoint(str(out))
+        b = open_checkpoint(str(exp.merge_path(setting["name"], "lors", params)))
         diff = max(float((a.read(n).float() - b.read(n).float()).abs().max()) for n in a.meta
                    if n in b.meta)
         note = (f"max |added - re-merged with the same hyper-parameters| over all weights: "
                 f"{diff:.2e}")
     return {"language": language, "setting": setting["name"], "params": params, "rows": rows_out,
             "note": note}
-
-
-def rows_path(exp, setting: dict, params: dict) -> str:
-    return str(exp.model_path(f"merge-{setting['name']}-lors", digest(exp.train_key, params)))
 

@@ -9,7 +9,6 @@ extensibility -> report (markdown, HTML, plots).
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from ..base import resolve_model_reference
@@ -27,7 +26,7 @@ from .extend import extensibility
 from .normalised import normalised_performance
 from .report import format_summary_table, write_report
 from .search import DevScorer, Lazy, TaskVectors, best_point, search_method
-from .stages import cached_json, device_name, evaluated, trained_model
+from .stages import cached_json, cached_model, device_name, evaluated, trained_model
 
 
 class Experiment:
@@ -99,20 +98,15 @@ class Experiment:
         return trained_model(path, self.train_config(pairs, path, sequential=True),
                              self.utterances)
 
+    def merge_path(self, setting: str, method: str, params: dict) -> Path:
+        return self.model_path(f"merge-{setting}-{method}", digest(self.train_key, params))
+
     def merged(self, setting: str, method: str, params: dict, experts: dict[str, str]) -> dict:
-        path = self.model_path(f"merge-{setting}-{method}", digest(self.train_key, params))
+        path = self.merge_path(setting, method, params)
         config = validate_config({"base": str(self.base), "method": method, "parameters": params,
                                   "experts": [{"name": n, "path": p} for n, p in experts.items()]})
-
-        def run() -> dict:
-            started = time.perf_counter()
-            merge(config, path, force=True, progress=False)
-            return {"path": str(path), "merge_s": time.perf_counter() - started,
-                    "device": "cpu"}
-        cost = path.with_name(path.name + ".cost.json")
-        if path.is_dir() and cost.is_file():
-            return json.loads(cost.read_text())
-        return cached_json(cost, run)
+        return cached_model(path, lambda: merge(config, path, force=True, progress=False),
+                            "merge_s", device="cpu")  # the streaming engine runs on CPU
 
 
 def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict:

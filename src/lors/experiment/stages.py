@@ -35,22 +35,28 @@ def cached_json(path: Path, compute: Callable[[], dict]) -> dict:
     return value
 
 
-def trained_model(path: Path, config: TrainConfig, utterances: list) -> dict:
-    """Train ``config`` into ``path`` unless done; ``{"path", "train_s", "device"}``.
-
-    The wall-clock time (data preparation, training, dev checks and saving) is what the cost
-    table reports; it is stored beside the model so a cached model keeps its cost.
-    """
+def cached_model(path: Path, build: Callable[[], None], cost_key: str,
+                 device: str | None = None) -> dict:
+    """Build the model folder ``path`` unless it and its cost file exist; return
+    ``{"path", cost_key: seconds, "device"}``, stored beside the model so a cached model keeps
+    its cost (wall-clock time of ``build``)."""
     cost_file = path.with_name(path.name + ".cost.json")
+    if path.is_dir() and cost_file.is_file():
+        return json.loads(cost_file.read_text())
 
     def run() -> dict:
         started = time.perf_counter()
-        train(config, utterances=utterances)
-        return {"path": str(path), "train_s": time.perf_counter() - started,
-                "device": device_name()}
-    if path.is_dir() and cost_file.is_file():
-        return json.loads(cost_file.read_text())
+        build()
+        return {"path": str(path), cost_key: time.perf_counter() - started,
+                "device": device or device_name()}
+    cost_file.unlink(missing_ok=True)  # a cost without its model (deleted by hand) is stale
     return cached_json(cost_file, run)
+
+
+def trained_model(path: Path, config: TrainConfig, utterances: list) -> dict:
+    """Train ``config`` into ``path`` unless done; ``{"path", "train_s", "device"}`` (data
+    preparation, training, dev checks and saving)."""
+    return cached_model(path, lambda: train(config, utterances=utterances), "train_s")
 
 
 def evaluated(path: Path, model: str | Path, utterances: list, pairs: list[tuple[str, str]],
@@ -63,7 +69,7 @@ def evaluated(path: Path, model: str | Path, utterances: list, pairs: list[tuple
             report = evaluate(model, clips, languages=[language], tasks=[task],
                               batch_size=spec.batch_size, num_beams=spec.num_beams,
                               max_new_tokens=spec.max_new_tokens, device=device_name())
-            results += [{k: v for k, v in r.items()} for r in report["results"]]
+            results += report["results"]
             results[-1]["utterances"] = [{k: u[k] for k in ("id", "reference", "hypothesis")}
                                          for u in report["utterances"]]
         return {"model": str(model), "results": results,

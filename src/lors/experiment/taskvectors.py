@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 
 from ..merging import validate_config
-from ..merging.config import resolve
 from ..merging.engine import _seed, plan_merge
 from ..merging.groups import group_of
 from ..merging.methods import OPS, OpContext
+from .config import validate_and_resolve
 
 LAMBDA_FREE_OPS = frozenset({"average", "keep_base"})
 """Ops whose scale does not come from lambda (the mean; the base itself)."""
@@ -44,10 +44,7 @@ class TaskVectors:
 
     def resolve(self, method: str, params: dict) -> tuple[str, dict, dict[str, str]]:
         """The engine's resolution of ``method`` and ``params`` (validated the same way)."""
-        config = validate_config({"base": self.base_path, "method": method, "parameters": params,
-                                  "experts": [{"name": n, "path": self.base_path}
-                                              for n in self.names]})
-        return resolve(config)
+        return validate_and_resolve(method, params, len(self.names), f"method {method}")
 
     def delta(self, method: str, params: dict) -> dict[str, tuple[torch.Tensor, bool]]:
         """Merged task vector at lambda = 1 for every merged tensor, with whether lambda

@@ -7,7 +7,6 @@ selection, missing references, audio longer than Whisper's 30 s, and missing aud
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,8 @@ from typing import Sequence
 from ..data.audio import SAMPLE_RATE
 from ..data.manifest import Utterance
 from ..errors import LorsError
-from ..evaluation.decode import reference
+from ..evaluation.decode import check_references
+from ..evaluation.window import window_for
 
 Pair = tuple[str, str]
 """(language, task), e.g. ``("de", "asr")``."""
@@ -98,22 +98,14 @@ def select(utterances: Sequence[Utterance], pairs: Sequence[Pair], source: str, 
 
 
 def _check_utterance(utt: Utterance, task: str, source: str, max_seconds: float) -> None:
-    text = reference(utt, task)
-    if text is None or not text.strip():
-        field_name = "transcript" if task == "asr" else "translation"
-        raise LorsError(f"utterance {utt.id!r} in {source} has no {field_name}, which {task} "
-                        "training needs; add it or train another task")
+    check_references([utt], task, source)
     if utt.duration > max_seconds:
         raise LorsError(f"utterance {utt.id!r} in {source} is {utt.duration:.1f} s long; Whisper "
                         f"takes at most {max_seconds:g} s. Split or drop it")
 
 
-def window_positions(longest_seconds: float, full_positions: int, hop_length: int,
-                     margin_seconds: float = 2.0, min_seconds: float = 8.0) -> int:
-    """Encoder positions for training: the longest clip plus a margin, in whole seconds.
-
-    The same rule as evaluation's automatic window (so a model trains on the windows it is
-    evaluated with), capped at the model's full window.
-    """
-    seconds = max(min_seconds, math.ceil(longest_seconds + margin_seconds))
-    return min(full_positions, math.ceil(seconds * SAMPLE_RATE / (2 * hop_length)))
+def window_positions(longest_seconds: float, full_positions: int, hop_length: int) -> int:
+    """Encoder positions for training: evaluation's automatic window for the longest clip
+    (so a model trains on the windows it is evaluated with), capped at the full window."""
+    return window_for(round(longest_seconds * SAMPLE_RATE), None, full_positions,
+                      hop_length).positions

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import BaseModelOutput
 
+from ..data.audio import SAMPLE_RATE
 from ..errors import LorsError
 from ..evaluation.window import encoder_window
 from . import checkpoints, schedule
@@ -169,11 +170,11 @@ def train_stage(config: TrainConfig, accelerator, base_dir: Path, pairs: list[Pa
             on_step(done, record)
     bar.close()
     return _finish(config, accelerator, model, base_dir, work, out, state, steps, positions,
-                   pairs, stage, best)
+                   extractor.hop_length, pairs, stage, best)
 
 
-def _finish(config, accelerator, model, base_dir, work, out, state, steps, positions, pairs,
-            stage, best) -> dict:
+def _finish(config, accelerator, model, base_dir, work, out, state, steps, positions,
+            hop_length, pairs, stage, best) -> dict:
     """Load the best weights (in memory, else the last saved), export the model into
     ``work/model`` and rename it to ``out``."""
     unwrapped = accelerator.unwrap_model(model)
@@ -185,7 +186,7 @@ def _finish(config, accelerator, model, base_dir, work, out, state, steps, posit
                "best_dev_score": state["best_score"], "select": config.select,
                "samples": state["samples"], "train_seconds": round(state["train_seconds"], 3),
                "samples_per_second": state["samples"] / max(state["train_seconds"], 1e-9),
-               "window_seconds": 2 * positions * 160 / 16000 if positions else None,
+               "window_seconds": 2 * positions * hop_length / SAMPLE_RATE,
                "encoder_positions": positions, "base": str(base_dir), "seed": config.seed,
                "learning_rate": config.lr, "batch_size": config.batch_size,
                "train_utterances": {f"{p.language}-{p.task}": len(p.train) for p in pairs},
