@@ -1,0 +1,36 @@
+"""The shipped configs stay valid: users copy them, and the benchmark note cites one."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lors.experiment.config import load_experiment
+from lors.merging.config import resolve, validate_config
+from lors.merging.methods import METHODS
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = [ROOT / "examples" / "benchmark-5lang.yaml",
+               ROOT / "src" / "lors" / "experiment" / "demo.yaml"]
+MERGES = [ROOT / "examples" / "lors-5-experts.yaml", ROOT / "examples" / "tiny-merge.yaml"]
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_experiment_configs_validate(path):
+    config = load_experiment(path)
+    assert config.languages and config.methods
+
+
+def test_benchmark_is_the_paper_setting():
+    config = load_experiment(EXPERIMENTS[0])
+    assert config.languages == ["ca", "de", "es", "fr", "it"]
+    assert config.tasks == ["asr", "st"]
+    assert config.training.mode == "full"
+    assert set(config.baselines) == {"mtl", "sequential"}
+    assert set(config.methods) == set(METHODS)  # every method belongs in the benchmark
+
+
+@pytest.mark.parametrize("path", MERGES, ids=lambda p: p.name)
+def test_merge_configs_validate(path):
+    method, params, _ = resolve(validate_config(yaml.safe_load(path.read_text()), str(path)))
+    assert method and params
