@@ -146,3 +146,11 @@ def test_a_rank_sweep_decomposes_each_matrix_once(tiny_models, monkeypatch):
     from lors.merging.groups import MATRIX_GROUPS, group_of
     matrices = sum(1 for name in vectors.taus if group_of(name) in MATRIX_GROUPS)
     assert len(calls) == matrices * len(vectors.names)
+
+
+def test_cache_keys_change_with_the_lors_version(monkeypatch):
+    from lors.experiment import config as experiment_config
+    key = experiment_config.digest({"lr": 1e-5}, "de-asr")
+    assert experiment_config.digest({"lr": 1e-5}, "de-asr") == key  # stable within a release
+    monkeypatch.setattr(experiment_config, "__version__", "999.0")
+    assert experiment_config.digest({"lr": 1e-5}, "de-asr") != key

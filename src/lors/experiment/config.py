@@ -11,6 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .. import __version__
 from ..errors import ConfigError
 from ..merging import validate_config
 from ..merging.config import resolve
@@ -131,8 +132,12 @@ class ExperimentConfig(_Strict):
 
 
 def digest(*parts: Any) -> str:
-    """A short stable hash of JSON-serialisable parts: the cache key of a stage."""
-    text = json.dumps(parts, sort_keys=True, default=str)
+    """A short stable hash of JSON-serialisable parts: the cache key of a stage.
+
+    The lors version is part of every key, so an upgrade never reuses results that an older
+    release computed (possibly with other semantics); within a release the cache is reused.
+    """
+    text = json.dumps([__version__, parts], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
