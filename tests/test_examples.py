@@ -3,10 +3,9 @@
 from pathlib import Path
 
 import pytest
-import yaml
 
 from lors.experiment.config import load_experiment
-from lors.merging.config import resolve, validate_config
+from lors.merging.config import load_config, resolve
 from lors.merging.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,5 +31,5 @@ def test_benchmark_is_the_paper_setting():
 
 @pytest.mark.parametrize("path", MERGES, ids=lambda p: p.name)
 def test_merge_configs_validate(path):
-    method, params, _ = resolve(validate_config(yaml.safe_load(path.read_text()), str(path)))
+    method, params, _ = resolve(load_config(path))
     assert method and params
