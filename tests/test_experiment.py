@@ -110,42 +110,85 @@ def test_bad_experiment_configs_fail_before_any_work(tiny_experiment, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("method,params", [
-    ("lors", {"rank": 2, "keep": 0.3}), ("task_arithmetic", {}), ("ties", {"keep": 0.3}),
-    ("dare", {"keep": 0.6, "seed": 3}), ("magnitude", {"keep": 0.3}), ("svd", {"rank": 2}),
-    ("tsv", {}), ("iso_c", {}), ("average", {})])
-def test_search_merges_equal_the_streaming_engine(tiny_models, tmp_path, method, params):
-    """The in-memory search merge (lambda applied afterwards) is the engine's merge."""
-    from lors.experiment.taskvectors import TaskVectors
-    from lors.merging import merge, validate_config
+def engine_state(tiny, tmp_path, method, params) -> dict:
     from conftest import load_state
-    experts = {n: str(p) for n, p in tiny_models["experts"].items()}
-    vectors = TaskVectors(str(tiny_models["base"]), experts)
-    lam = 0.7
-    state = vectors.state(vectors.delta(method, params), lam)
-    given = params if method == "average" else {**params, "lambda": lam}
-    config = validate_config({"base": str(tiny_models["base"]), "method": method,
-                              "parameters": given,
-                              "experts": [{"name": n, "path": p} for n, p in experts.items()]})
+    from lors.merging import merge, validate_config
+    config = validate_config({"base": str(tiny["base"]), "method": method, "parameters": params,
+                              "experts": [{"name": n, "path": str(p)}
+                                          for n, p in tiny["experts"].items()]})
     merge(config, tmp_path / "merged", diagnostics=False, progress=False)
-    reference = load_state(tmp_path / "merged")
+    return load_state(tmp_path / "merged")
+
+
+def assert_states_equal(state, reference) -> None:
     for name, tensor in state.items():
         torch.testing.assert_close(tensor, reference[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_a_rank_sweep_decomposes_each_matrix_once(tiny_models, monkeypatch):
+@pytest.fixture(scope="module")
+def search_vectors(tiny_models):
     from lors.experiment.taskvectors import TaskVectors
+    return TaskVectors(str(tiny_models["base"]),
+                       {n: str(p) for n, p in tiny_models["experts"].items()})
+
+
+@pytest.mark.parametrize("method,params", [
+    ("lors", {"rank": 2, "keep": 0.3}), ("task_arithmetic", {}), ("ties", {"keep": 0.3}),
+    ("dare", {"keep": 0.6, "seed": 3}), ("magnitude", {"keep": 0.3}), ("svd", {"rank": 2}),
+    ("tsv", {}), ("iso_c", {}), ("average", {}), ("dare_ties", {"keep": 0.6}),
+    ("ties", {"keep": 0.3, "scope": "global"}), ("magnitude", {"keep": 0.3, "scope": "global"}),
+    ("lors", {"rank": 3, "keep": 0.2, "svd": "exact"})])
+def test_search_merges_equal_the_streaming_engine(tiny_models, search_vectors, tmp_path, method,
+                                                  params):
+    """The in-memory search merge (lambda applied afterwards) is the engine's merge."""
+    lam = 0.7
+    state = search_vectors.state(search_vectors.delta(method, params), lam)
+    given = params if method == "average" else {**params, "lambda": lam}
+    assert_states_equal(state, engine_state(tiny_models, tmp_path, method, given))
+
+
+@pytest.mark.parametrize("method", ["lors", "ties", "dare_ties", "iso_c"])
+def test_a_point_without_lambda_is_scored_at_the_engine_default(tiny_models, search_vectors,
+                                                               tmp_path, method):
+    state = search_vectors.state(search_vectors.delta(method, {}))
+    assert_states_equal(state, engine_state(tiny_models, tmp_path, method, {}))
+
+
+def test_a_rank_sweep_scores_what_the_engine_writes_at_each_rank(tiny_models, search_vectors,
+                                                                  tmp_path, monkeypatch):
+    """Largest rank first, then smaller ones: each point equals the engine's merge at its own
+    rank (a randomized sketch is never reused across ranks), and each (rank, matrix, expert)
+    is decomposed once whatever the number of keeps."""
     from lors.merging import primitives
-    vectors = TaskVectors(str(tiny_models["base"]), {n: str(p) for n, p in tiny_models["experts"].items()})
+    from lors.merging.groups import MATRIX_GROUPS, group_of
     calls = []
     original = primitives.truncated_svd
-    monkeypatch.setattr(primitives, "truncated_svd", lambda *a, **k: calls.append(1) or original(*a, **k))
-    for rank in (4, 2, 1):
+    monkeypatch.setattr(primitives, "truncated_svd",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    search_vectors.svd_cache.clear()
+    for rank in (4, 2):
         for keep in (0.1, 0.3):
-            vectors.delta("lors", {"rank": rank, "keep": keep})
+            delta = search_vectors.delta("lors", {"rank": rank, "keep": keep})
+    matrices = sum(1 for name in search_vectors.taus if group_of(name) in MATRIX_GROUPS)
+    assert len(calls) == 2 * matrices * len(search_vectors.names)
+    monkeypatch.undo()
+    assert_states_equal(search_vectors.state(delta, 0.5),
+                        engine_state(tiny_models, tmp_path, "lors",
+                                     {"rank": 2, "keep": 0.3, "lambda": 0.5}))
+
+
+def test_an_exact_rank_sweep_decomposes_each_matrix_once(search_vectors, monkeypatch):
+    from lors.merging import primitives
     from lors.merging.groups import MATRIX_GROUPS, group_of
-    matrices = sum(1 for name in vectors.taus if group_of(name) in MATRIX_GROUPS)
-    assert len(calls) == matrices * len(vectors.names)
+    calls = []
+    original = primitives.truncated_svd
+    monkeypatch.setattr(primitives, "truncated_svd",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    search_vectors.svd_cache.clear()
+    for rank in (4, 2, 1):
+        search_vectors.delta("lors", {"rank": rank, "keep": 0.2, "svd": "exact"})
+    matrices = sum(1 for name in search_vectors.taus if group_of(name) in MATRIX_GROUPS)
+    assert len(calls) == matrices * len(search_vectors.names)
 
 
 def test_cache_keys_change_with_the_lors_version(monkeypatch):

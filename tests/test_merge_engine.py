@@ -66,7 +66,6 @@ def test_report_has_provenance_and_diagnostics(tiny_models, tmp_path):
                if t["name"] == "model.decoder.layers.0.fc1.weight")
     assert len(fc1["task_vector_norms"]) == 3 and len(fc1["cosine"]) == 3
     assert all(0 < e <= 1 for e in fc1["energy_kept_low_rank"])
-    assert all(abs(d - 0.2) < 0.01 for d in fc1["residual_density"])
     assert 0.3 < fc1["sign_conflict_rate"] <= 1.0  # independent random experts disagree often
     assert "encoder.0" in report["diagnostics"]["layers"]
     assert report["diagnostics"]["model"]["cosine"][0][0] == pytest.approx(1.0)

@@ -6,6 +6,7 @@ from peft.utils import merge_utils as peft
 
 from lors.merging import primitives as P
 from lors.merging.config import resolve, validate_config
+from lors.merging.core import lambda_for
 from lors.merging.methods import METHODS, OPS, OpContext
 
 
@@ -16,6 +17,11 @@ def context(params: dict, weights=(1.0, 1.0, 1.0), name="model.encoder.layers.0.
     return OpContext(name, list(weights), full, lambda i: torch.Generator().manual_seed(seed + i))
 
 
+def run_op(op: str, taus, ctx: OpContext) -> torch.Tensor:
+    """The op's delta as the core scales it: lambda * combination (or the combination)."""
+    return OPS[op].combine(taus, ctx) * lambda_for(op, ctx.params)
+
+
 @pytest.fixture
 def taus():
     g = torch.Generator().manual_seed(7)
@@ -24,7 +30,7 @@ def taus():
 
 def test_task_arithmetic_matches_peft(taus):
     weights = torch.tensor([0.5, 1.0, 2.0])
-    ours = OPS["task_arithmetic"](taus, context({}, weights.tolist()))
+    ours = run_op("task_arithmetic", taus, context({}, weights.tolist()))
     assert torch.allclose(ours, peft.task_arithmetic(taus, weights), atol=1e-6)
 
 
@@ -32,13 +38,13 @@ def test_ties_matches_peft_with_equal_weights(taus):
     # PEFT elects the sign on unweighted values; lors on weighted ones (an expert's weight is
     # its say in the election, as in mergekit). With equal weights the two agree exactly.
     weights = torch.ones(3)
-    ours = OPS["ties"](taus, context({"keep": 0.3}, weights.tolist()))
+    ours = run_op("ties", taus, context({"keep": 0.3}, weights.tolist()))
     assert torch.allclose(ours, peft.ties(taus, weights, 0.3, "total"), atol=1e-6)
 
 
 def test_ties_weighted_by_reference(taus):
     weights = [1.0, 0.2, 3.0]
-    ours = OPS["ties"](taus, context({"keep": 0.3, "lambda": 0.5}, weights))
+    ours = run_op("ties", taus, context({"keep": 0.3, "lambda": 0.5}, weights))
     trimmed = torch.stack([w * peft.magnitude_based_pruning(t, 0.3) for t, w in zip(taus, weights)])
     expected = torch.zeros_like(taus[0])
     for idx in range(expected.numel()):
@@ -51,7 +57,7 @@ def test_ties_weighted_by_reference(taus):
 
 def test_magnitude_matches_peft(taus):
     weights = torch.tensor([1.0, 2.0, 0.5])
-    ours = OPS["magnitude"](taus, context({"keep": 0.4}, weights.tolist()))
+    ours = run_op("magnitude", taus, context({"keep": 0.4}, weights.tolist()))
     assert torch.allclose(ours, peft.magnitude_prune(taus, weights, 0.4), atol=1e-6)
 
 
@@ -67,29 +73,29 @@ def test_dare_matches_peft_with_the_same_random_stream(combine):
     shared = torch.Generator().manual_seed(99)
     ctx = context({"keep": 0.4, "dare_combine": combine}, weights.tolist())
     ctx.generator_for = lambda i: shared
-    assert torch.allclose(OPS["dare"](taus, ctx), expected, atol=1e-6)
+    assert torch.allclose(run_op("dare", taus, ctx), expected, atol=1e-6)
 
 
 def test_average_is_weighted_mean(taus):
-    out = OPS["average"](taus, context({}, [1.0, 1.0, 2.0]))
+    out = run_op("average", taus, context({}, [1.0, 1.0, 2.0]))
     assert torch.allclose(out, (taus[0] + taus[1] + 2 * taus[2]) / 4, atol=1e-6)
 
 
 def test_lors_op_sums_pruned_task_vectors(taus):
-    out = OPS["lors"](taus, context({"lambda": 0.5, "rank": 3, "keep": 0.25}))
+    out = run_op("lors", taus, context({"lambda": 0.5, "rank": 3, "keep": 0.25}))
     expected = 0.5 * sum(P.lors_prune(t, 3, 0.25, exact=True) for t in taus)
     assert torch.allclose(out, expected, atol=1e-5)
 
 
 def test_svd_op_is_low_rank_task_arithmetic(taus):
-    out = OPS["svd"](taus, context({"rank": 2, "lambda": 0.3}))
+    out = run_op("svd", taus, context({"rank": 2, "lambda": 0.3}))
     expected = sum(0.3 * P.low_rank_approx(t, 2, exact=True) for t in taus)
     assert torch.allclose(out, expected, atol=1e-5)
     assert int(torch.linalg.matrix_rank(out)) <= 6
 
 
 def test_iso_c_op_uses_summed_task_matrix(taus):
-    out = OPS["iso_c"](taus, context({"lambda": 1.0}))
+    out = run_op("iso_c", taus, context({"lambda": 1.0}))
     assert torch.allclose(out, P.iso_c_combine(taus[0] + taus[1] + taus[2]), atol=1e-5)
 
 
@@ -99,7 +105,7 @@ MATRIX_METHODS = ["lors", "task_arithmetic", "ties", "dare", "magnitude", "svd",
 @pytest.mark.parametrize("method", MATRIX_METHODS + ["tsv", "iso_c"])
 def test_zero_task_vectors_give_zero_delta(method):
     zeros = [torch.zeros(16, 24) for _ in range(3)]
-    out = OPS[METHODS[method].matrix_op](zeros, context({}))
+    out = run_op(METHODS[method].matrix_op, zeros, context({}))
     assert torch.count_nonzero(out) == 0
 
 
@@ -108,13 +114,13 @@ def test_zero_task_vectors_give_zero_delta(method):
 def test_one_expert_lambda_one_full_keep_gives_that_expert(method):
     tau = torch.randn(16, 24)
     params = {"lambda": 1.0, "keep": 1.0, "rank": 16}
-    out = OPS[METHODS[method].matrix_op]([tau], context(params, [1.0]))
+    out = run_op(METHODS[method].matrix_op, [tau], context(params, [1.0]))
     assert torch.allclose(out, tau, atol=1e-5)
 
 
 def test_tsv_one_expert_full_rank_gives_that_expert():
     tau = torch.randn(16, 24)
-    assert torch.allclose(OPS["tsv"]([tau], context({}, [1.0])), tau, atol=1e-4)
+    assert torch.allclose(run_op("tsv", [tau], context({}, [1.0])), tau, atol=1e-4)
 
 
 @pytest.mark.parametrize("method,sums", [("task_arithmetic", True), ("magnitude", True),
@@ -124,14 +130,14 @@ def test_identical_experts(method, sums):
     # single expert.
     tau = torch.randn(16, 24)
     ctx = context({"lambda": 1.0 / 3 if sums else 1.0, "keep": 0.3})
-    out = OPS[METHODS[method].matrix_op]([tau.clone() for _ in range(3)], ctx)
-    single = OPS[METHODS[method].matrix_op]([tau], context({"lambda": 1.0, "keep": 0.3}, [1.0]))
+    out = run_op(METHODS[method].matrix_op, [tau.clone() for _ in range(3)], ctx)
+    single = run_op(METHODS[method].matrix_op, [tau], context({"lambda": 1.0, "keep": 0.3}, [1.0]))
     assert torch.allclose(out, single, atol=1e-5)
 
 
 def test_identical_experts_lors_equals_single_expert_pruning():
     tau = torch.randn(16, 24)
-    out = OPS["lors"]([tau.clone() for _ in range(4)], context({"lambda": 0.25}, [1.0] * 4))
+    out = run_op("lors", [tau.clone() for _ in range(4)], context({"lambda": 0.25}, [1.0] * 4))
     assert torch.allclose(out, P.lors_prune(tau, 4, 0.2, exact=True), atol=1e-5)
 
 

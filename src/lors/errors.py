@@ -19,3 +19,11 @@ class ConfigError(LorsError):
 
 class OutputExistsError(LorsError):
     """The output path exists and overwriting was not asked for."""
+
+
+class MergeError(LorsError):
+    """A merge produced something that must not be written (NaN or Inf weights)."""
+
+
+class LorsWarning(UserWarning):
+    """Something legal but probably unintended; the CLI prints it as ``lors: warning: ...``."""

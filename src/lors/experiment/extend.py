@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from ..checkpoint.reader import open_checkpoint
+from ..fsutil import atomic_directory
 from ..training.modes import export_model, load_whisper
 from .config import digest, validate_and_resolve
 from .normalised import normalised_performance
@@ -30,15 +31,13 @@ def _setting_with(settings: list[dict], language: str) -> dict | None:
 
 
 def _write_state(base: Path, state: dict, out: Path) -> None:
-    """Save ``state`` as a Whisper folder of the base's shape, written beside and renamed."""
+    """Save ``state`` as a Whisper folder of the base's shape at ``out`` (``atomic_directory``;
+    a folder already there, from a run killed before its cost was recorded, is replaced)."""
     whisper, _ = load_whisper(base)
     whisper.load_state_dict(state, strict=False)
     whisper.tie_weights()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    export_model(whisper, "full", base, tmp)
-    tmp.rename(out)
+    with atomic_directory(out, force=True) as tmp:
+        export_model(whisper, "full", base, tmp)
 
 
 def extensibility(exp, language: str, experts: dict, expert_test: dict,
@@ -65,8 +64,8 @@ def extensibility(exp, language: str, experts: dict, expert_test: dict,
         state = {}
         for name, base_tensor in vectors.base.items():
             merged = old_ckpt.read(name).float()
-            if name in delta:
-                summed = (merged - base_tensor) / lam_old + delta[name][0]
+            if name in delta.combined:
+                summed = (merged - base_tensor) / lam_old + delta.combined[name]
                 merged = base_tensor + lam_all * summed
             state[name] = merged
         _write_state(exp.base, state, out)

@@ -52,7 +52,7 @@ class Experiment:
             self.test[(language, task)] = clips
         self.utterances = list({u.id: u for u in self.selection.utterances
                                 + [c for cs in self.test.values() for c in cs]}.values())
-        self.data_key = digest(open_checkpoint(str(self.base)).fingerprint,
+        self.data_key = digest(open_checkpoint(str(self.base)).fingerprint(),
                                [u.id for u in self.utterances],
                                config.data.model_dump())
         self.train_key = digest(self.data_key, config.training.model_dump())

@@ -41,8 +41,8 @@ def search_method(folder: Path, setting: str, method: str, grid: list[dict],
                 started = time.perf_counter()
                 if delta is None:
                     delta = vectors().delta(method, rest)
-                lam = point.get("lambda", 1.0)
-                scorer().load(vectors().state(delta, lam))
+                # no lambda in the grid: the method's default, as `lors merge` would use
+                scorer().load(vectors().state(delta, point.get("lambda")))
                 results = scorer().results()
                 score = normalised_dev_score(results, expert_dev, metric)
                 return {"setting": setting, "method": method, "params": point,

@@ -1,25 +1,36 @@
 """Experts' task vectors held in memory, merged at many hyper-parameter points cheaply.
 
-The streaming engine (``lors.merging.merge``) reads every file per merge; a search merges
-the same experts dozens of times, so here the task vectors are read once. Each method's
-merge is linear in lambda (every op returns lambda * combine(...)), so the combined delta is
-computed once per point of the other parameters and every lambda is one scaled add. SVD
-factors are cached per (tensor, expert) across points (:meth:`OpContext.factors`), so a
-search over ranks and keeps decomposes each matrix once.
+The streaming engine (``lors merge``) reads every file per merge; a search merges the same
+experts dozens of times, so here the task vectors are read once (through the engine's checks
+and reader). Each point is merged by the engine's per-tensor core (:mod:`lors.merging.core`):
+the same ops, seeds, global thresholds and lambda. Every op is linear in lambda, so the
+combination is computed once per point of the other parameters and each lambda is one scaled
+add; SVD factors are cached per (tensor, expert, rank) across points.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..merging import validate_config
-from ..merging.engine import _seed, plan_merge
-from ..merging.groups import group_of
-from ..merging.methods import OPS, OpContext
-from .config import validate_and_resolve
+from ..merging import core, validate_config
+from ..merging.config import resolve_method
+from ..merging.engine import plan_merge
+from ..merging.methods import OPS
 
-LAMBDA_FREE_OPS = frozenset({"average", "keep_base"})
-"""Ops whose scale does not come from lambda (the mean; the base itself)."""
+
+@dataclass
+class SearchDelta:
+    """The merged combination (before lambda) of every merged tensor at one point.
+
+    ``scaled[name]`` says whether lambda scales that tensor's combination; ``lambda_default``
+    is the lambda the engine would use when the point gives none.
+    """
+
+    combined: dict[str, torch.Tensor]
+    scaled: dict[str, bool]
+    lambda_default: float
 
 
 class TaskVectors:
@@ -30,47 +41,42 @@ class TaskVectors:
                                   "experts": [{"name": n, "path": p} for n, p in experts.items()]})
         plan = plan_merge(config)  # the engine's compatibility checks
         self.base_path, self.names = base, list(experts)
+        self.meta = plan.base.meta
         self.base: dict[str, torch.Tensor] = {}
         self.taus: dict[str, list[torch.Tensor]] = {}
         for entry in plan.entries:
-            tensor = plan.base.read(entry.name)
-            if entry.op == "copy":
-                self.base[entry.name] = tensor
+            if entry.op == core.COPY:
+                self.base[entry.name] = plan.base.read(entry.name)
                 continue
-            self.base[entry.name] = tensor.float()
-            self.taus[entry.name] = [ckpt.read(entry.name).float() - self.base[entry.name]
-                                     for ckpt in plan.experts.values()]
+            self.base[entry.name] = core.read_float(plan.base, "base", entry.name)
+            self.taus[entry.name] = core.task_vectors(plan.experts, entry.name,
+                                                      self.base[entry.name])
         self.svd_cache: dict = {}
 
-    def resolve(self, method: str, params: dict) -> tuple[str, dict, dict[str, str]]:
-        """The engine's resolution of ``method`` and ``params`` (validated the same way)."""
-        return validate_and_resolve(method, params, len(self.names), f"method {method}")
-
-    def delta(self, method: str, params: dict) -> dict[str, tuple[torch.Tensor, bool]]:
-        """Merged task vector at lambda = 1 for every merged tensor, with whether lambda
-        scales it (not for the average's mean); lambda is applied by :meth:`state`."""
-        _, resolved, group_ops = self.resolve(method, params)
-        if set(group_ops.values()) - LAMBDA_FREE_OPS:  # lambda is read: apply it later instead
-            _, resolved, group_ops = self.resolve(method, {**params, "lambda": 1.0})
+    def delta(self, method: str, params: dict) -> SearchDelta:
+        """The merge of ``method`` at ``params`` (lambda, if given, only sets the default)."""
         weights = [1.0] * len(self.names)
-        out = {}
-        for name, taus in self.taus.items():
-            op = group_ops[group_of(name)]
-            if op in ("lors", "svd", "tsv", "iso_c") and taus[0].dim() != 2:
-                op = "task_arithmetic"
-            ctx = OpContext(name, weights, resolved,
-                            lambda i, n=name: torch.Generator().manual_seed(
-                                _seed(resolved["seed"], i, n)),
-                            svd_cache=self.svd_cache)
-            out[name] = (OPS[op](taus, ctx), op not in LAMBDA_FREE_OPS)
-        return out
+        _, resolved, group_ops = resolve_method(method, params, {}, weights)
+        entries, _ = core.plan_entries(self.meta, group_ops, resolved)
+        thresholds = core.global_thresholds(entries, resolved, len(self.names),
+                                            self.taus.__getitem__)
+        combined, scaled = {}, {}
+        for entry in entries:
+            if entry.op == core.COPY:
+                continue
+            combined[entry.name], _ = core.combine(entry, self.taus[entry.name], weights,
+                                                   resolved, thresholds=thresholds,
+                                                   svd_cache=self.svd_cache)
+            scaled[entry.name] = OPS[entry.op].lambda_scaled
+        return SearchDelta(combined, scaled, float(resolved["lambda"]))
 
-    def state(self, delta: dict[str, tuple[torch.Tensor, bool]],
-              lam: float) -> dict[str, torch.Tensor]:
-        """Base + lambda * delta (deltas that lambda does not scale are added as they are)."""
+    def state(self, delta: SearchDelta, lam: float | None = None) -> dict[str, torch.Tensor]:
+        """Base + lambda * combination (``lam`` None: the method's default lambda), exactly
+        as the engine adds it; unscaled combinations are added as they are."""
+        lam = delta.lambda_default if lam is None else lam
         state = dict(self.base)
-        for name, (value, scaled) in delta.items():
-            state[name] = self.base[name] + (lam if scaled else 1.0) * value
+        for name, value in delta.combined.items():
+            state[name] = self.base[name] + (value * lam if delta.scaled[name] else value)
         return state
 
     def cosines(self) -> list[list[float]]:
@@ -82,4 +88,3 @@ class TaskVectors:
             gram += flat @ flat.T
         norms = gram.diagonal().sqrt().clamp_min(1e-30)
         return (gram / norms[:, None] / norms[None, :]).tolist()
-

@@ -2,7 +2,7 @@
 
 Collected while merging, written to ``merge_report.json``: task-vector norms, pairwise cosine
 between experts (interference), sign-conflict rate, and what the op recorded (energy kept by
-the rank-r part, density of the kept residual).
+the rank-r part; the kept residual is floor(keep * numel) entries by construction).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class Diagnostics:
 
     @staticmethod
     def attach(record: dict, op_stats: dict) -> None:
-        """Add what the op recorded per expert (energy kept, residual density) to a record."""
+        """Add what the op recorded per expert (energy kept by the rank-r part) to a record."""
         for key, values in op_stats.items():
             record[key] = [round(float(v), 6) for v in values]
 

@@ -10,11 +10,10 @@ the output directory appears only when complete.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import math
 import platform
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -27,24 +26,17 @@ from ..checkpoint.compat import check_experts
 from ..checkpoint.reader import Checkpoint, open_checkpoint
 from ..checkpoint.writer import (ShardedModelWriter, copy_aux_files, float_specs, write_config,
                                  write_json)
-from ..errors import CheckpointError, ConfigError
+from ..errors import LorsWarning
 from ..fsutil import atomic_directory, check_output_free
+from . import core
 from .config import MergeConfig, resolve
+from .core import COPY, PlanEntry
 from .diagnostics import Diagnostics
-from .global_topk import GlobalThreshold
-from .groups import GROUPS, group_of, layer_of
-from .methods import GLOBAL_SCOPE_OPS, MATRIX_ONLY_OPS, OPS, OpContext
+from .groups import layer_of
 
 Progress = Callable[[int, int, str], None]
 REPORT_NAME = "merge_report.json"
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class PlanEntry:
-    name: str
-    group: str
-    op: str  # an OPS key, or "copy" for tensors that are not merged (integer buffers)
 
 
 @dataclass
@@ -67,46 +59,31 @@ class MergePlan:
 
 def plan_merge(config: MergeConfig) -> MergePlan:
     """Resolve the config, open every checkpoint and check compatibility; reads no weights
-    except the frozen tables used to prove a shared base."""
+    except the sample of tensors that shows each expert is close to the base."""
     method, params, group_ops = resolve(config)
     base = open_checkpoint(config.base)
     experts = {e.name: open_checkpoint(e.path) for e in config.experts}
-    check_experts(base, experts)
-    entries = []
-    counts = {g: {"op": group_ops[g], "tensors": 0, "parameters": 0} for g in GROUPS}
-    for name, meta in base.meta.items():
-        group = group_of(name)
-        op = group_ops[group] if meta.dtype.is_floating_point else "copy"
-        if op in MATRIX_ONLY_OPS and len(meta.shape) != 2:
-            raise ConfigError(f"op {op!r} works on 2-D matrices, but group {group!r} has tensor "
-                              f"{name} of shape {list(meta.shape)}; choose another op for it")
-        entries.append(PlanEntry(name, group, op))
-        counts[group]["tensors"] += 1
-        counts[group]["parameters"] += torch.Size(meta.shape).numel()
+    _warn_same_path(config)
+    check_experts(base, experts, allow_other_base=config.allow_other_base)
+    entries, counts = core.plan_entries(base.meta, group_ops, params)
     return MergePlan(method, params, group_ops, base, experts,
                      [e.weight for e in config.experts], entries, counts)
 
 
-def _seed(seed: int, expert: int, name: str) -> int:
-    digest = hashlib.sha256(f"{seed}/{expert}/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def _read_float(checkpoint: Checkpoint, who: str, name: str) -> torch.Tensor:
-    tensor = checkpoint.read(name).float()
-    # NaN and Inf propagate into the sum: one cheap pass instead of an isfinite mask.
-    if not math.isfinite(float(tensor.sum())):
-        raise CheckpointError(f"{who} ({checkpoint.source}): tensor {name} contains NaN or Inf; "
-                              "fix or re-export that checkpoint")
-    return tensor
+def _warn_same_path(config: MergeConfig) -> None:
+    seen: dict[str, str] = {}
+    for expert in config.experts:
+        where = os.path.realpath(expert.path)
+        if where in seen:
+            warnings.warn(f"experts {seen[where]!r} and {expert.name!r} are the same checkpoint "
+                          f"({expert.path}): it counts twice in the merge", LorsWarning,
+                          stacklevel=3)
+        seen.setdefault(where, expert.name)
 
 
 def _task_vectors(plan: MergePlan, name: str, base_tensor: torch.Tensor,
                   pool: Executor | None = None) -> list[torch.Tensor]:
-    def one(item) -> torch.Tensor:
-        expert, ckpt = item
-        return _read_float(ckpt, f"expert {expert!r}", name).sub_(base_tensor)
-    return list((pool.map if pool else map)(one, plan.experts.items()))
+    return core.task_vectors(plan.experts, name, base_tensor, pool.map if pool else map)
 
 
 @contextlib.contextmanager
@@ -132,24 +109,9 @@ def worker_pool(workers: int) -> Iterator[Executor | None]:
 
 def global_thresholds(plan: MergePlan) -> list[float] | None:
     """Per-expert k-th largest |tau| over all tensors of global-scope ops (two read passes)."""
-    if plan.params.get("scope") != "global":
-        return None
-    names = [e.name for e in plan.entries if e.op in GLOBAL_SCOPE_OPS]
-    if not names:
-        return None
-    accumulators = [GlobalThreshold() for _ in plan.experts]
-
-    def stream(step) -> None:
-        for name in names:
-            base_tensor = _read_float(plan.base, "base", name)
-            for acc, tau in zip(accumulators, _task_vectors(plan, name, base_tensor)):
-                step(acc, tau)
-
-    stream(GlobalThreshold.first_pass)
-    for acc in accumulators:
-        acc.choose_bucket(plan.params["keep"])
-    stream(GlobalThreshold.second_pass)
-    return [acc.value() for acc in accumulators]
+    def taus_of(name: str) -> list[torch.Tensor]:
+        return _task_vectors(plan, name, core.read_float(plan.base, "base", name))
+    return core.global_thresholds(plan.entries, plan.params, len(plan.experts), taus_of)
 
 
 def output_dtype(config: MergeConfig, base: Checkpoint) -> torch.dtype:
@@ -199,9 +161,9 @@ Inputs = tuple[torch.Tensor, list[torch.Tensor] | None]  # base tensor, experts'
 
 def _load_inputs(plan: MergePlan, entry: PlanEntry, pool: Executor | None = None) -> Inputs:
     """The base tensor as stored (for "copy"), or float32 base and task vectors."""
-    if entry.op == "copy":
+    if entry.op == COPY:
         return plan.base.read(entry.name), None
-    base_tensor = _read_float(plan.base, "base", entry.name)
+    base_tensor = core.read_float(plan.base, "base", entry.name)
     return base_tensor, _task_vectors(plan, entry.name, base_tensor, pool)
 
 
@@ -231,20 +193,16 @@ def _merge_one(plan: MergePlan, entry: PlanEntry, inputs: Inputs, dtype: torch.d
     base_tensor, taus = inputs
     if taus is None:
         return base_tensor
-    ctx = OpContext(entry.name, plan.weights, plan.params,
-                    lambda i: torch.Generator().manual_seed(_seed(plan.params["seed"], i,
-                                                                  entry.name)),
-                    thresholds if entry.op in GLOBAL_SCOPE_OPS else None)
     record = None
     if stats is not None:  # a worker computes the diagnostics while the others prune
         args = (entry.name, layer_of(entry.name), entry.group, entry.op, taus)
         record = pool.submit(stats.add, *args) if pool is not None else stats.add(*args)
-    if pool is not None:
-        ctx.map = pool.map
-    delta = OPS[entry.op](taus, ctx)
+    delta, op_stats = core.merged_delta(entry, taus, plan.weights, plan.params,
+                                        thresholds=thresholds,
+                                        map=pool.map if pool is not None else map)
     if record is not None:
-        Diagnostics.attach(record.result() if pool is not None else record, ctx.stats)
-    return base_tensor.add_(delta).to(dtype)
+        Diagnostics.attach(record.result() if pool is not None else record, op_stats)
+    return core.check_finite(base_tensor.add_(delta).to(dtype), entry.name, dtype)
 
 
 def library_versions() -> dict:

@@ -1,9 +1,15 @@
-"""The merge methods: a registry from method name to per-tensor operation and group policy.
+"""The merge ops and methods: one declarative record each.
 
-Every task-vector method is one "sparsify -> (elect) -> combine" pass over the experts' task
-vectors of a single tensor (:func:`sparsify_elect_combine`); TSV and Iso-C combine whole
-matrices instead. An op returns the merged delta, already scaled by lambda; the engine adds it
-to the base tensor.
+An op combines the experts' float32 task vectors of one tensor into one merged delta *before*
+lambda. Every task-vector op is one "sparsify -> (elect) -> combine" pass
+(:func:`sparsify_elect_combine`); TSV and Iso-C combine whole matrices instead. Its
+:class:`OpSpec` states which parameters it reads, whether it works on 2-D matrices only, whether
+its top-k may be global, whether lambda scales it, and its default lambda. Lambda itself is
+applied by the per-tensor core (:mod:`lors.merging.core`), the one place that the engine, the
+experiment's search and the extensibility step all call.
+
+A method (:class:`MethodSpec`) names the op for the 2-D attention/FFN matrices and the op for
+every other group.
 """
 
 from __future__ import annotations
@@ -11,12 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from . import primitives as P
 from .groups import MATRIX_GROUPS
+
+SVD_PARAMETERS = frozenset({"svd", "svd_oversample", "svd_niter"})
 
 
 @dataclass
@@ -30,7 +37,7 @@ class OpContext:
     thresholds: Sequence[float] | None = None        # global top-k thresholds, one per expert
     stats: dict = field(default_factory=dict)        # per-expert diagnostics the op records
     map: Callable = map                              # the engine passes a thread pool's map
-    svd_cache: dict | None = None                    # (tensor, expert) -> factors, for searches
+    svd_cache: dict | None = None                    # factors reused across a search's points
 
     def record(self, key: str, expert: int, value: float) -> None:
         """Store one expert's diagnostic (safe from worker threads: one slot per expert)."""
@@ -43,22 +50,31 @@ class OpContext:
         return int(self.params["rank"])
 
     def factors(self, expert: int, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The top-r singular triplets of ``tau`` (r from :meth:`rank_for`).
+        """The top-r singular triplets of ``tau`` (r from :meth:`rank_for`), exactly as
+        :func:`primitives.truncated_svd` gives them for this expert and tensor.
 
-        With ``svd_cache`` (a hyper-parameter search), each (tensor, expert) is decomposed
-        once, at the largest rank asked for so far, and smaller ranks are its leading
-        triplets: a search over ranks costs one decomposition, not one per rank.
+        With ``svd_cache`` (a search), a decomposition is computed once per (tensor, expert,
+        rank, SVD settings). Only the exact SVD is nested (its rank-r factors are the leading
+        ones of any larger rank), so only it reuses a larger rank's factors: a randomized
+        sketch of another size gives other factors, and reusing them would make the search
+        score a merge that ``lors merge`` never writes.
         """
         rank = self.rank_for(tau.shape)
+        options = self.svd_options(expert)
         if self.svd_cache is None:
-            return P.truncated_svd(tau, rank, **self.svd_options(expert))
-        key = (self.name, expert)
-        cached = self.svd_cache.get(key)
-        if cached is None or cached[1].numel() < min(rank, *tau.shape):
-            cached = P.truncated_svd(tau, rank, **self.svd_options(expert))
-            self.svd_cache[key] = cached
-        u, s, vh = cached
-        return u[:, :rank], s[:rank], vh[:rank]
+            return P.truncated_svd(tau, rank, **options)
+        if options["exact"]:
+            key = (self.name, expert, "exact")
+            cached = self.svd_cache.get(key)
+            if cached is None or cached[1].numel() < min(rank, *tau.shape):
+                cached = self.svd_cache[key] = P.truncated_svd(tau, rank, **options)
+            u, s, vh = cached
+            return u[:, :rank], s[:rank], vh[:rank]
+        key = (self.name, expert, rank, options["oversample"], options["niter"],
+               self.params.get("seed"))
+        if key not in self.svd_cache:
+            self.svd_cache[key] = P.truncated_svd(tau, rank, **options)
+        return self.svd_cache[key]
 
     def svd_options(self, expert: int) -> dict:
         return {"exact": self.params["svd"] == "exact", "oversample": self.params["svd_oversample"],
@@ -69,8 +85,8 @@ Sparsify = Callable[[int, Tensor, OpContext], Tensor]
 
 
 def sparsify_elect_combine(taus: Sequence[Tensor], ctx: OpContext, sparsify: Sparsify | None,
-                           elect: bool, scale: float) -> Tensor:
-    """scale * combine_i(w_i * sparsify(tau_i)); combine = sum, or TIES' elected disjoint mean.
+                           elect: bool) -> Tensor:
+    """combine_i(w_i * sparsify(tau_i)); combine = sum, or TIES' elected disjoint mean.
 
     The inputs are never modified. With elect, the sign is elected on the weighted values, so
     an expert's weight is also its say in the election.
@@ -81,13 +97,13 @@ def sparsify_elect_combine(taus: Sequence[Tensor], ctx: OpContext, sparsify: Spa
     if elect:
         stacked = torch.stack(list(parts))
         stacked *= torch.tensor(list(ctx.weights)).reshape(-1, *([1] * (stacked.dim() - 1)))
-        return P.disjoint_mean(stacked, P.elect_sign(stacked)).mul_(scale)
+        return P.disjoint_mean(stacked, P.elect_sign(stacked))
     merged = None
     for part, tau, weight in zip(parts, taus, ctx.weights):
         if merged is None:  # the first part becomes the accumulator; never an input tensor
-            merged = part * (weight * scale) if part is tau else part.mul_(weight * scale)
+            merged = part * weight if part is tau else part.mul_(weight)
         else:
-            merged.add_(part, alpha=weight * scale)
+            merged.add_(part, alpha=weight)
     return merged
 
 
@@ -104,14 +120,9 @@ def _low_rank(i: int, tau: Tensor, ctx: OpContext) -> Tensor:
 
 
 def _lors(i: int, tau: Tensor, ctx: OpContext) -> Tensor:
-    u, s, vh = ctx.factors(i, tau)
-    scaled_u = u * s
-    residual = torch.addmm(tau, scaled_u, vh, alpha=-1.0)  # R = tau - L in one pass
-    kept = P.magnitude_mask(residual, ctx.params["keep"])
-    P.zero_outside_(residual, kept).addmm_(scaled_u, vh)   # R_kept + L, L never materialised
-    _record_energy(ctx, i, s, tau)
-    ctx.record("residual_density", i, int(np.count_nonzero(kept.numpy())) / max(1, tau.numel()))
-    return residual
+    factors = ctx.factors(i, tau)
+    _record_energy(ctx, i, factors[1], tau)
+    return P.lors_prune(tau, len(factors[1]), ctx.params["keep"], factors=factors)
 
 
 def _record_energy(ctx: OpContext, expert: int, singular_values: Tensor, tau: Tensor) -> None:
@@ -126,68 +137,81 @@ def _dare(i: int, tau: Tensor, ctx: OpContext) -> Tensor:
     return P.dare_drop(tau, ctx.params["keep"], ctx.generator_for(i))
 
 
-def op_task_arithmetic(taus, ctx):
-    return sparsify_elect_combine(taus, ctx, None, False, ctx.params["lambda"])
+def _weighted_mean(taus: Sequence[Tensor], ctx: OpContext) -> Tensor:
+    return sparsify_elect_combine(taus, ctx, None, False).div_(sum(ctx.weights))
 
 
-def op_average(taus, ctx):
-    return sparsify_elect_combine(taus, ctx, None, False, 1.0 / sum(ctx.weights))
+def _iso_c(taus: Sequence[Tensor], ctx: OpContext) -> Tensor:
+    return P.iso_c_combine(sparsify_elect_combine(taus, ctx, None, False))
 
 
-def op_magnitude(taus, ctx):
-    return sparsify_elect_combine(taus, ctx, _magnitude, False, ctx.params["lambda"])
+def _tsv(taus: Sequence[Tensor], ctx: OpContext) -> Tensor:
+    return P.tsv_combine([w * t for t, w in zip(taus, ctx.weights)])
 
 
-def op_svd(taus, ctx):
-    return sparsify_elect_combine(taus, ctx, _low_rank, False, ctx.params["lambda"])
+Combine = Callable[[Sequence[Tensor], OpContext], Tensor]
 
 
-def op_lors(taus, ctx):
-    return sparsify_elect_combine(taus, ctx, _lors, False, ctx.params["lambda"])
+@dataclass(frozen=True)
+class OpSpec:
+    """One op: its combination (before lambda) and the facts every caller needs about it.
+
+    ``default_lambda`` is "1/T" for sums (one over the number of experts: their average) and
+    1.0 for means and spectra; a callable decides from the resolved parameters.
+    """
+
+    combine: Combine
+    parameters: frozenset[str]
+    defaults: dict = field(default_factory=dict)
+    matrix_only: bool = False         # 2-D matrices only (SVD-based)
+    global_scope: bool = False        # its top-k may use one whole-model threshold per expert
+    lambda_scaled: bool = True        # False: the delta is used as it is (mean, base)
+    default_lambda: str | float | Callable[[dict], str | float] = "1/T"
+
+    def lambda_default(self, params: dict) -> str | float:
+        return self.default_lambda(params) if callable(self.default_lambda) else self.default_lambda
 
 
-def op_ties(taus, ctx):
-    return sparsify_elect_combine(taus, ctx, _magnitude, True, ctx.params["lambda"])
+def _spec(combine: Combine, parameters: set[str], defaults: dict | None = None,
+          **facts) -> OpSpec:
+    return OpSpec(combine, frozenset(parameters), defaults or {}, **facts)
 
 
-def op_dare(taus, ctx):
-    elect = ctx.params["dare_combine"] == "ties"
-    return sparsify_elect_combine(taus, ctx, _dare, elect, ctx.params["lambda"])
-
-
-def op_tsv(taus, ctx):
-    return P.tsv_combine([w * t for t, w in zip(taus, ctx.weights)]).mul_(ctx.params["lambda"])
-
-
-def op_iso_c(taus, ctx):
-    summed = sparsify_elect_combine(taus, ctx, None, False, 1.0)
-    return P.iso_c_combine(summed).mul_(ctx.params["lambda"])
-
-
-def op_keep_base(taus, ctx):
-    return torch.zeros_like(taus[0])
-
-
-OPS: dict[str, Callable[[Sequence[Tensor], OpContext], Tensor]] = {
-    "task_arithmetic": op_task_arithmetic, "average": op_average, "magnitude": op_magnitude,
-    "svd": op_svd, "lors": op_lors, "ties": op_ties, "dare": op_dare, "tsv": op_tsv,
-    "iso_c": op_iso_c, "keep_base": op_keep_base,
+OPS: dict[str, OpSpec] = {
+    "task_arithmetic": _spec(lambda taus, ctx: sparsify_elect_combine(taus, ctx, None, False),
+                             {"lambda"}),
+    "average": _spec(_weighted_mean, set(), lambda_scaled=False, default_lambda=1.0),
+    "magnitude": _spec(lambda taus, ctx: sparsify_elect_combine(taus, ctx, _magnitude, False),
+                       {"lambda", "keep", "scope"}, {"keep": 0.2, "scope": "tensor"},
+                       global_scope=True),
+    "svd": _spec(lambda taus, ctx: sparsify_elect_combine(taus, ctx, _low_rank, False),
+                 {"lambda", "rank", "rank_ratio", *SVD_PARAMETERS}, {"rank": 7},
+                 matrix_only=True),
+    "lors": _spec(lambda taus, ctx: sparsify_elect_combine(taus, ctx, _lors, False),
+                  {"lambda", "rank", "rank_ratio", "keep", *SVD_PARAMETERS},
+                  {"rank": 7, "keep": 0.2}, matrix_only=True),
+    "ties": _spec(lambda taus, ctx: sparsify_elect_combine(taus, ctx, _magnitude, True),
+                  {"lambda", "keep", "scope"}, {"keep": 0.2, "scope": "tensor"},
+                  global_scope=True, default_lambda=1.0),
+    "dare": _spec(lambda taus, ctx: sparsify_elect_combine(
+                      taus, ctx, _dare, ctx.params["dare_combine"] == "ties"),
+                  {"lambda", "keep", "dare_combine"}, {"keep": 0.5, "dare_combine": "linear"},
+                  # the elected disjoint mean is a mean: scale 1, like TIES
+                  default_lambda=lambda p: 1.0 if p.get("dare_combine") == "ties" else "1/T"),
+    "tsv": _spec(_tsv, {"lambda"}, matrix_only=True, default_lambda=1.0),
+    "iso_c": _spec(_iso_c, {"lambda"}, matrix_only=True, default_lambda=1.0),
+    "keep_base": _spec(lambda taus, ctx: torch.zeros_like(taus[0]), set(), lambda_scaled=False,
+                       default_lambda=1.0),
 }
-# Ops that only make sense on 2-D matrices: elsewhere the method's fallback op is used.
-MATRIX_ONLY_OPS = frozenset({"svd", "lors", "tsv", "iso_c"})
-# Ops whose global scope needs the whole-model threshold passes.
-GLOBAL_SCOPE_OPS = frozenset({"magnitude", "ties"})
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A method: its op on the 2-D attention/FFN weights, its op elsewhere, its defaults."""
+    """A method: its op on the 2-D attention/FFN weights and its op elsewhere."""
 
     summary: str
     matrix_op: str
     other_op: str
-    defaults: dict
-    default_lambda: str | float = "1/T"  # "1/T": one over the number of experts (the average)
 
     def op_for_group(self, group: str) -> str:
         return self.matrix_op if group in MATRIX_GROUPS else self.other_op
@@ -195,23 +219,25 @@ class MethodSpec:
 
 METHODS: dict[str, MethodSpec] = {
     "lors": MethodSpec("LoRS-Merging: rank-r part + top-k of the residual per matrix",
-                       "lors", "task_arithmetic", {"rank": 7, "keep": 0.2}),
+                       "lors", "task_arithmetic"),
     "task_arithmetic": MethodSpec("theta_0 + lambda * sum_i w_i tau_i",
-                                  "task_arithmetic", "task_arithmetic", {}),
-    "average": MethodSpec("weighted mean of the experts' task vectors", "average", "average", {},
-                          default_lambda=1.0),
-    "ties": MethodSpec("TIES: trim to top-k, elect sign by mass, disjoint mean",
-                       "ties", "ties", {"keep": 0.2, "scope": "tensor"}, default_lambda=1.0),
+                                  "task_arithmetic", "task_arithmetic"),
+    "average": MethodSpec("weighted mean of the experts' task vectors", "average", "average"),
+    "ties": MethodSpec("TIES: trim to top-k, elect sign by mass, disjoint mean", "ties", "ties"),
     "dare": MethodSpec("DARE: random drop with rescale, then task arithmetic or TIES",
-                       "dare", "dare", {"keep": 0.5, "dare_combine": "linear"}),
+                       "dare", "dare"),
     "magnitude": MethodSpec("sparse-only ablation: top-k per matrix, then task arithmetic",
-                            "magnitude", "task_arithmetic", {"keep": 0.2, "scope": "tensor"}),
+                            "magnitude", "task_arithmetic"),
     "svd": MethodSpec("low-rank-only ablation: rank-r per matrix, then task arithmetic",
-                      "svd", "task_arithmetic", {"rank": 7}),
+                      "svd", "task_arithmetic"),
     "tsv": MethodSpec("TSV-Merge: per-task top 1/T singular triplets, orthogonalised",
-                      "tsv", "average", {}, default_lambda=1.0),
-    "iso_c": MethodSpec("Iso-C: isotropic spectrum of the summed task matrix",
-                        "iso_c", "average", {}, default_lambda=1.0),
+                      "tsv", "average"),
+    "iso_c": MethodSpec("Iso-C: isotropic spectrum of the summed task matrix", "iso_c", "average"),
 }
 METHOD_ALIASES = {"dare_linear": ("dare", {"dare_combine": "linear"}),
                   "dare_ties": ("dare", {"dare_combine": "ties"}), "ta": ("task_arithmetic", {})}
+
+
+def method_defaults(method: MethodSpec) -> dict:
+    """The method's default parameters: those of its matrix op, then of its other op."""
+    return {**OPS[method.other_op].defaults, **OPS[method.matrix_op].defaults}

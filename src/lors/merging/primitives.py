@@ -108,15 +108,20 @@ def low_rank_approx(x: Tensor, rank: int, **svd_options) -> Tensor:
     return (u * s) @ vh
 
 
-def lors_prune(x: Tensor, rank: int, keep: float, **svd_options) -> Tensor:
+def lors_prune(x: Tensor, rank: int, keep: float, *,
+               factors: tuple[Tensor, Tensor, Tensor] | None = None, **svd_options) -> Tensor:
     """LoRS-Merging's pruned task vector of one matrix: L + top-k(R).
 
-    L = rank-``rank`` truncation of ``x``; R = x - L; the k = floor(keep * numel) entries of R
-    with the largest |value| are kept and the rest zeroed (no sign election, no rescaling).
+    L = rank-``rank`` truncation U_r diag(S_r) V_r^T of ``x`` (``factors``, when given, are
+    those top-``rank`` triplets, e.g. from a cache; else :func:`truncated_svd` with
+    ``svd_options``); R = x - L; the k = floor(keep * numel) entries of R with the largest
+    |value| are kept (ties with the k-th all kept) and the rest zeroed; no sign election, no
+    rescaling. ``x`` is not modified.
     """
-    u, s, vh = truncated_svd(x, rank, **svd_options)
+    u, s, vh = factors if factors is not None else truncated_svd(x, rank, **svd_options)
     scaled_u = u * s
     residual = torch.addmm(x, scaled_u, vh, alpha=-1.0)  # x - L in one pass
+    # R_kept + L, with L never materialised on its own
     return zero_outside_(residual, magnitude_mask(residual, keep)).addmm_(scaled_u, vh)
 
 
