@@ -37,6 +37,9 @@ _DTYPES: dict[int, np.dtype | str] = {
     5: _BFLOAT16,  # numpy has no bfloat16: stored as u16, widened to float32 on read
 }
 _SCALE_SUFFIX = "_scale"
+MAX_RANK = 32
+"""Most dimensions a variable may have: numpy 1.x's limit (Whisper's have at most 3)."""
+_MAX_ELEMENTS = 2**60  # numpy indexes bytes in int64: room for widening to float32/64
 
 
 @dataclass
@@ -127,10 +130,27 @@ class _Cursor:
         return arr.reshape(shape)
 
 
+def _numel(shape: tuple[int, ...]) -> int | None:
+    """Elements in an array of ``shape``, or None when the product of its non-zero dims
+    reaches 2**60 (numpy refuses such a shape even for an empty array)."""
+    bound = 1
+    for dim in shape:
+        bound *= max(dim, 1)
+        if bound >= _MAX_ELEMENTS:
+            return None
+    return 0 if 0 in shape else bound
+
+
 def _read_variable(cur: _Cursor, index: int) -> tuple[str, np.ndarray]:
     """Read one variable record; widen bfloat16 to float32."""
     name = cur.string(f"name of variable #{index}")
     rank = cur.u8(f"rank of {name!r}")
+    if rank > MAX_RANK:
+        raise CheckpointError(
+            f"{cur.path}: corrupt CTranslate2 file: variable {name!r} has {rank} dimensions, "
+            f"more than the {MAX_RANK} an array may have (offset {cur.pos - 1}); re-create or "
+            "re-download it"
+        )
     shape = cur.unpack(f"<{rank}I", f"shape of {name!r}") if rank else ()
     type_id = cur.u8(f"dtype of {name!r}")
     nbytes = cur.u32(f"byte size of {name!r}")
@@ -142,7 +162,14 @@ def _read_variable(cur: _Cursor, index: int) -> tuple[str, np.ndarray]:
     dtype = _DTYPES[type_id]
     bf16 = dtype == _BFLOAT16
     np_dtype = np.dtype("<u2") if bf16 else dtype
-    expected = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+    numel = _numel(shape)
+    if numel is None:
+        raise CheckpointError(
+            f"{cur.path}: corrupt CTranslate2 file: variable {name!r} has shape {list(shape)}, "
+            f"too large for any array (offset {cur.pos}); re-create or re-download it"
+        )
+    # Python ints: np.prod in int64 wraps around on corrupt dims.
+    expected = numel * np_dtype.itemsize
     if nbytes != expected:
         raise CheckpointError(
             f"{cur.path}: corrupt CTranslate2 file: variable {name!r} of shape {list(shape)} "
@@ -156,7 +183,11 @@ def _read_variable(cur: _Cursor, index: int) -> tuple[str, np.ndarray]:
 
 
 def _dequantize(variables: dict[str, np.ndarray], path: Path) -> None:
-    """Replace int8/int16 tensors that have ``<name>_scale`` by float32 ``q / scale``."""
+    """Replace int8/int16 tensors that have ``<name>_scale`` by float32 ``q / scale``.
+
+    Raises CheckpointError when a scale fits neither one value nor one per row, or holds
+    a zero, NaN or a value so small that ``q / scale`` would overflow float32.
+    """
     for scale_name in [n for n in variables if n.endswith(_SCALE_SUFFIX)]:
         name = scale_name[: -len(_SCALE_SUFFIX)]
         q = variables.get(name)
@@ -173,8 +204,17 @@ def _dequantize(variables: dict[str, np.ndarray], path: Path) -> None:
                 f"{path}: scale {scale_name!r} has shape {list(scale.shape)}, which fits "
                 f"neither one value nor one per row of {name!r} {list(q.shape)}"
             )
-        if np.any(scale == 0):
-            raise CheckpointError(f"{path}: scale {scale_name!r} contains zeros; file is corrupt")
+        # CTranslate2 writes scale = 127 / max|w| (int8, per row) or 2**10 / max|w| (int16),
+        # so real scales keep q / scale within float32 (only int16 weights above ~1e37 would
+        # be refused); an all-zero int16 tensor gets scale Inf, harmless as 0 / Inf = 0. A
+        # NaN, zero or tinier scale comes from corruption and would make NaN or Inf weights.
+        smallest = np.iinfo(q.dtype).max / np.finfo(np.float32).max
+        if np.any(np.isnan(scale) | (np.abs(scale) < smallest)):
+            raise CheckpointError(
+                f"{path}: scale {scale_name!r} contains zeros, NaN or values below "
+                f"{smallest:.3g} (dividing by them overflows); the file is corrupt: re-create "
+                "or re-download it"
+            )
         variables[name] = q.astype(np.float32) / scale
         del variables[scale_name]
 

@@ -32,6 +32,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
+MAX_RANK = 32
+"""Most dimensions a tensor may have: numpy 1.x's limit (Whisper tensors have at most 3)."""
+_MAX_ELEMENTS = 2**60  # torch and numpy index in int64 bytes: room for 8-byte dtypes
 
 
 @dataclass(frozen=True)
@@ -47,8 +50,53 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _is_count(value: object) -> bool:
+    """True for a non-negative JSON integer (``true``/``false`` and ``2.0`` are not)."""
+    return type(value) is int and value >= 0
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """``object_pairs_hook`` for json: a repeated key means two tensors claim one name
+    (json would silently keep the last one)."""
+    result: dict = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"key {key!r} appears twice")
+        result[key] = value
+    return result
+
+
+def _brief(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: corrupt headers can hold huge values."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _numel(shape: tuple[int, ...]) -> int | None:
+    """Elements in a tensor of ``shape`` (non-negative dims), or None when the product of
+    its non-zero dims reaches 2**60.
+
+    Even an empty tensor needs that product as an int64 stride, and torch and numpy refuse
+    (or overflow on) it when it is too large; stopping early keeps absurd dims cheap.
+    """
+    bound = 1
+    for dim in shape:
+        bound *= max(dim, 1)
+        if bound >= _MAX_ELEMENTS:
+            return None
+    return 0 if 0 in shape else bound
+
+
 class SafetensorsFile:
-    """Header of one safetensors file, validated at open; tensors read on demand."""
+    """Header of one safetensors file, validated at open; tensors read on demand.
+
+    Opening checks everything the header claims without touching tensor data: a UTF-8 JSON
+    object; ``__metadata__`` absent or an object of strings; every other entry an object
+    with a known ``dtype``, a ``shape`` of at most :data:`MAX_RANK` non-negative ints and
+    ``data_offsets`` of two non-negative ints whose span is exactly numel x itemsize, inside
+    the file; no two non-empty tensors overlapping. Any violation, and any read error, is a
+    CheckpointError naming the file (and tensor).
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -61,49 +109,99 @@ class SafetensorsFile:
 
     def _read_header(self) -> tuple[dict, dict[str, TensorInfo]]:
         try:
-            size = self.path.stat().st_size
             with open(self.path, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
                 prefix = handle.read(8)
                 if len(prefix) < 8:
                     raise self._fail("shorter than the 8-byte header length")
                 (header_len,) = struct.unpack("<Q", prefix)
+                # Checked before reading, so a corrupt length never sizes an allocation.
                 if header_len > min(_MAX_HEADER, size - 8):
                     raise self._fail(f"header length {header_len} does not fit the file ({size} bytes)")
-                header = json.loads(handle.read(header_len))
+                raw = handle.read(header_len)
         except OSError as exc:
             raise CheckpointError(f"{self.path}: cannot read ({exc})") from exc
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise self._fail(f"header is not valid JSON ({exc})") from exc
+        header = self._parse_json(raw)
         if not isinstance(header, dict):
-            raise self._fail("header is not a JSON object")
-        metadata = header.pop("__metadata__", None) or {}
+            raise self._fail(f"header is a JSON {type(header).__name__}, not an object")
+        metadata = self._metadata(header.pop("__metadata__", None))
         data_start = 8 + header_len
-        tensors = {name: self._entry(name, spec, data_start) for name, spec in header.items()}
-        end = max((t.begin + t.nbytes for t in tensors.values()), default=data_start)
-        if end > size:
-            raise self._fail(f"tensor data ends at byte {end} but the file has {size} bytes")
+        tensors = {name: self._entry(name, spec, data_start, size) for name, spec in header.items()}
+        self._check_overlaps(tensors)
         return metadata, tensors
 
-    def _entry(self, name: str, spec: object, data_start: int) -> TensorInfo:
+    def _parse_json(self, raw: bytes) -> object:
+        """The header as JSON; the format requires UTF-8 (json would guess UTF-16/32)."""
         try:
-            dtype = DTYPES[spec["dtype"]]
-            shape = tuple(int(d) for d in spec["shape"])
-            begin, end = (int(x) for x in spec["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise self._fail(f"bad header entry for tensor {name!r} ({exc!r})") from exc
-        expected = math.prod(shape) * _element_size(dtype)
-        if end - begin != expected or begin < 0:
-            raise self._fail(f"tensor {name!r} spans {end - begin} bytes, its shape needs {expected}")
-        return TensorInfo(name, dtype, shape, data_start + begin, expected)
+            return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+        # ValueError covers bad JSON, bad UTF-8, repeated keys and integers too long to
+        # convert; RecursionError deeply nested arrays.
+        except (ValueError, RecursionError) as exc:
+            raise self._fail(f"header is not valid JSON ({exc})") from exc
+
+    def _metadata(self, value: object) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise self._fail("__metadata__ is not an object of strings")
+        return value
+
+    def _entry(self, name: str, spec: object, data_start: int, size: int) -> TensorInfo:
+        """Validate one header entry; ``size`` is the file's length in bytes."""
+        if not isinstance(spec, dict):
+            raise self._fail(f"header entry for tensor {name!r} is not an object")
+        dtype_name, shape, offsets = (spec.get(k) for k in ("dtype", "shape", "data_offsets"))
+        if not isinstance(dtype_name, str):
+            raise self._fail(f"tensor {name!r} has dtype {_brief(dtype_name)}, not a string")
+        if dtype_name not in DTYPES:
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} has unknown dtype {_brief(dtype_name)} (lors "
+                f"reads {', '.join(DTYPES)}); re-save the model in one of these, or re-download it"
+            )
+        if not (isinstance(shape, list) and len(shape) <= MAX_RANK and all(map(_is_count, shape))):
+            raise self._fail(f"tensor {name!r} has shape {_brief(shape)}, not a list of at most "
+                             f"{MAX_RANK} dimensions that are non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
+                and offsets[0] <= offsets[1]):
+            raise self._fail(f"tensor {name!r} has data_offsets {_brief(offsets)}, not "
+                             "[begin, end] with integers 0 <= begin <= end")
+        dtype = DTYPES[dtype_name]
+        numel = _numel(tuple(shape))
+        if numel is None:
+            raise self._fail(f"tensor {name!r} has shape {_brief(shape)}, too large for any tensor")
+        nbytes = numel * _element_size(dtype)
+        begin, end = offsets
+        if end - begin != nbytes:
+            raise self._fail(f"tensor {name!r} spans {_brief(end - begin)} bytes, its shape needs "
+                             f"{nbytes}")
+        if data_start + end > size:
+            raise self._fail(f"tensor {name!r} data ends at byte {_brief(data_start + end)} but "
+                             f"the file has {size} bytes")
+        return TensorInfo(name, dtype, tuple(shape), data_start + begin, nbytes)
+
+    def _check_overlaps(self, tensors: dict[str, TensorInfo]) -> None:
+        """Refuse two tensors sharing bytes (as the safetensors library does)."""
+        spans = sorted((t.begin, t.begin + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
+        for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+            if begin < end:
+                raise self._fail(f"tensors {first!r} and {second!r} overlap in the data buffer")
 
     def read(self, name: str) -> torch.Tensor:
-        """Read one tensor into fresh memory (no mmap); dtype and shape as stored."""
+        """Read one tensor into fresh memory (no mmap); dtype and shape as stored.
+
+        Raises CheckpointError if the file cannot be read or is now shorter than at open.
+        """
         info = self.tensors[name]
-        buffer = bytearray(info.nbytes)
-        with open(self.path, "rb") as handle:
-            handle.seek(info.begin)
-            if handle.readinto(buffer) != info.nbytes:
-                raise self._fail(f"tensor {name!r} is cut short")
+        buffer = bytearray(info.nbytes)  # bounded by the file size, checked at open
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(info.begin)
+                got = handle.readinto(buffer)
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: cannot read tensor {name!r} ({exc}); check "
+                                  "that the file still exists and is readable") from exc
+        if got != info.nbytes:
+            raise self._fail(f"tensor {name!r} is cut short (was the file changed after opening?)")
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
         return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
