@@ -21,7 +21,6 @@ AUX_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "normalizer.json",
     "added_tokens.json", "special_tokens_map.json", "chat_template.json",
 )
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def plan_shards(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], max_bytes: int
@@ -73,9 +72,17 @@ class ShardedModelWriter:
 
 
 def write_config(folder: Path, config: dict, dtype: torch.dtype) -> None:
-    """config.json from the base's, with the stored dtype stated."""
+    """config.json from the base's, stating ``dtype``, the dtype of the written weights.
+
+    The base's own statement is replaced, never kept (a float16 base merged to float32 used to
+    keep ``dtype: float16`` beside a new ``torch_dtype``, and transformers 5 loaded float16).
+    transformers >= 4.56 writes and reads ``dtype`` (5.x prefers it when both keys exist);
+    older versions read only ``torch_dtype``. Both keys are written with the same value, so
+    every version loads the written dtype with ``dtype="auto"`` (the default in 5.x).
+    """
     config = dict(config)
-    config["torch_dtype"] = DTYPE_NAMES.get(dtype, "float32")
+    name = str(dtype).removeprefix("torch.")
+    config["dtype"] = config["torch_dtype"] = name
     config.setdefault("architectures", ["WhisperForConditionalGeneration"])
     (Path(folder) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 

@@ -31,9 +31,6 @@ MATRIX_GROUPS: frozenset[str] = frozenset(
     {"encoder_self_attention", "decoder_self_attention", "cross_attention", "ffn"}
 )
 
-# Tables that Whisper never trains: an expert whose copy differs was not fine-tuned from this base.
-FROZEN_TENSORS: tuple[str, ...] = ("model.encoder.embed_positions.weight",)
-
 
 def group_of(name: str) -> str:
     """The parameter group of a canonical tensor name ("other" when nothing matches)."""
