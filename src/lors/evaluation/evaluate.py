@@ -16,7 +16,7 @@ import torch
 from ..base import resolve_model_reference
 from ..data.manifest import Utterance, read_manifest
 from ..errors import LorsError
-from ..fsutil import atomic_file
+from ..fsutil import atomic_file, check_output_free
 from ..names import name_list
 from .decode import DEFAULT_MAX_NEW_TOKENS, TASKS, Decoder, check_references, reference
 from .metrics import bleu, cer, chrf, wer
@@ -59,6 +59,26 @@ def _pairs(utterances: list[Utterance], languages, tasks, source: str) -> list[t
     return pairs
 
 
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse ``out`` if it exists (unless ``force``) or could never become a file."""
+    if out.is_dir():
+        raise LorsError(f"results path {out} is a directory; pass a file path such as "
+                        f"{out / 'results.json'}")
+    check_output_free(out, force)
+    if any(parent.exists() and not parent.is_dir() for parent in out.parents):
+        raise LorsError(f"cannot write results to {out}: a parent path is a file; choose "
+                        "another path")
+
+
+def _write_report(report: dict[str, Any], out: Path) -> None:
+    """``report`` as indented JSON at ``out``, atomically: a failure leaves no partial file."""
+    try:
+        with atomic_file(out, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    except OSError as exc:
+        raise LorsError(f"cannot write results to {out}: {exc}; choose another path") from exc
+
+
 def score(task: str, language: str, refs: list[str], hyps: list[str]) -> dict[str, float]:
     """asr: ``{"wer", "cer"}`` normalised for ``language``; st: ``{"bleu", "chrf"}`` on raw text."""
     if task == "asr":
@@ -72,14 +92,16 @@ def evaluate(model: str | Path | None, manifest: str | Path | Sequence[Utterance
              batch_size: int = 8, num_beams: int = 1,
              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, window_seconds: float | None = None,
              split: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-             show_progress: bool = False) -> dict[str, Any]:
+             show_progress: bool = False, force: bool = False) -> dict[str, Any]:
     """Decode and score ``model`` on ``manifest`` for every requested (language, task).
 
     ``model``: a Whisper directory, or None/"base" for the embedded base. ``manifest``: a
     JSONL path or a list of utterances. ``languages`` defaults to all languages present (in
     manifest order); ``split`` keeps one split only. English is never evaluated for ``st``.
-    All input checks (languages present, references for each task, language and task
-    tokens known to the model) run before any decoding. Decoding options are those of
+    All input checks (``out`` free, languages present, references for each task, weights
+    readable and safe, language and task tokens known to the model, long clips decodable)
+    run before any decoding; the ``out`` check runs before anything else. Clips longer than
+    30 s are decoded long-form, never cut. Decoding options are those of
     :meth:`Decoder.decode`.
 
     Returns ``{"model", "manifest", "settings", "results", "utterances"}``: one result per
@@ -87,8 +109,12 @@ def evaluate(model: str | Path | None, manifest: str | Path | Sequence[Utterance
     of audio loading, features and generation, model loading excluded) and
     ``utterances_per_second``; one utterance record per decoded clip and pair with ``id,
     language, task, reference, hypothesis``. With ``out`` the dict is also written there
-    as JSON, atomically.
+    as JSON, atomically; an existing ``out`` is refused with OutputExistsError unless
+    ``force``, and is replaced only once the new report is complete.
     """
+    if out is not None:
+        out = Path(out)
+        _check_out(out, force)
     utterances, source = _load(manifest, split)
     pairs = _pairs(utterances, languages, tasks, source)
     groups = {pair: [u for u in utterances if u.language == pair[0]] for pair in pairs}
@@ -96,10 +122,12 @@ def evaluate(model: str | Path | None, manifest: str | Path | Sequence[Utterance
         check_references(group, task, source)
     model_dir = resolve_model_reference(None if model is None else str(model))
     decoder = Decoder(model_dir, device=device, dtype=dtype)
-    for language, task in pairs:
+    for (language, task), group in groups.items():
         decoder.check(language, task)
+        decoder.check_clips(group)
     settings = {"model_dir": str(model_dir), "split": split, "batch_size": batch_size,
                 "num_beams": num_beams, "max_new_tokens": decoder.token_budget(max_new_tokens),
+                "long_form_max_new_tokens": decoder.segment_budget(max_new_tokens),
                 "window_seconds": window_seconds, "device": str(device),
                 "dtype": str(dtype).removeprefix("torch.")}
     results, records = [], []
@@ -119,8 +147,7 @@ def evaluate(model: str | Path | None, manifest: str | Path | Sequence[Utterance
               "manifest": str(manifest) if isinstance(manifest, (str, Path)) else None,
               "settings": settings, "results": results, "utterances": records}
     if out is not None:
-        with atomic_file(Path(out), "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        _write_report(report, out)
     return report
 
 

@@ -55,17 +55,23 @@ def window_for(longest_samples: int, window_seconds: float | None, full_position
 
     ``window_seconds=None`` means automatic: the longest clip plus :data:`AUTO_MARGIN_S`,
     rounded up to whole seconds, and at least :data:`AUTO_MIN_S`. A number is used as given
-    (rounded up to a whole encoder position). Either is capped at the model's full window
-    (``full_positions`` positions, 30 s for Whisper).
+    (rounded up to a whole encoder position) when the clip fits in it; a longer clip gets
+    the automatic window instead, since cut audio would be scored against its whole
+    reference. Either is capped at the model's full window (``full_positions`` positions,
+    30 s for Whisper); a clip longer than that needs long-form decoding.
     """
-    if window_seconds is None:
-        seconds = max(AUTO_MIN_S, math.ceil(longest_samples / SAMPLE_RATE + AUTO_MARGIN_S))
-    elif window_seconds > 0:
-        seconds = window_seconds
-    else:
+    if window_seconds is not None and window_seconds <= 0:
         raise LorsError(f"window_seconds must be positive (or None for automatic), got {window_seconds}")
-    positions = math.ceil(round(seconds * SAMPLE_RATE / (2 * hop_length), 6))
+    positions = None if window_seconds is None else _positions(window_seconds, hop_length)
+    if positions is None or Window(positions, hop_length).samples < longest_samples:
+        seconds = max(AUTO_MIN_S, math.ceil(longest_samples / SAMPLE_RATE + AUTO_MARGIN_S))
+        positions = _positions(seconds, hop_length)
     return Window(min(positions, full_positions), hop_length)
+
+
+def _positions(seconds: float, hop_length: int) -> int:
+    """Encoder positions covering ``seconds`` of audio (two mel frames each), rounded up."""
+    return math.ceil(round(seconds * SAMPLE_RATE / (2 * hop_length), 6))
 
 
 @contextlib.contextmanager
