@@ -7,12 +7,15 @@ where a missing espeak-ng is a failure.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import shutil
 from pathlib import Path
 
 import pytest
 import soundfile as sf
 
+from lors import fsutil
 from lors.data import synth
 from lors.data.audio import is_valid_wav
 from lors.data.manifest import read_manifest
@@ -123,8 +126,11 @@ def test_rerun_is_idempotent_and_repairs_truncated_wavs(bank, tmp_path):
     victim = Path(first[0].audio)
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 2])  # as if killed mid-write without atomicity
-    stale = victim.parent / f".{victim.name}.tmp-abc123"
-    stale.write_bytes(b"partial")  # what a killed atomic write leaves behind
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()  # its pid belongs to no live process now
+    stale = victim.parent / f".{victim.name}.tmp-{finished.pid}-0123abcd"
+    stale.write_bytes(b"partial")  # what a SIGKILLed atomic write leaves behind
+    fsutil._stale.clear()  # a folder's dead temporaries are listed once per process
     assert not is_valid_wav(victim)
     again = read_manifest(synth.synthesize(["fr"], ["train", "dev", "test"], out, **kwargs))
     assert again == first  # same duration: deterministic voice and text

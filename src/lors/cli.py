@@ -7,17 +7,36 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import LorsError
+from .errors import LorsError, LorsWarning
+
+DESCRIPTION = ("Merge language- and task-specific fine-tuned Whisper experts into one "
+               "multilingual model (LoRS-Merging and its baselines); train the experts and "
+               "baselines, evaluate, and run the paper-style experiment.")
 
 
 def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
-    pairs = {}
+    """NAME=VALUE items of a repeated flag; a repeated NAME is an error, not a silent overwrite."""
+    pairs: dict[str, str] = {}
     for item in values or []:
         key, sep, value = item.partition("=")
         if not sep or not key or not value:
             raise LorsError(f"{flag} expects NAME=VALUE, got {item!r}")
+        if key in pairs:
+            raise LorsError(f"{flag} {key}= given twice ({pairs[key]!r} and {value!r}); "
+                            "each name may appear once")
         pairs[key] = value
     return pairs
+
+
+def _weights(values: list[str] | None) -> dict[str, float]:
+    weights = {}
+    for name, text in _pairs(values, "--weight").items():
+        try:
+            weights[name] = float(text)
+        except ValueError:
+            raise LorsError(f"--weight {name}={text}: the weight must be a number, e.g. "
+                            f"{name}=0.5") from None
+    return weights
 
 
 def _merge_config(args: argparse.Namespace):
@@ -27,13 +46,17 @@ def _merge_config(args: argparse.Namespace):
         raw = load_config(Path(args.config)).model_dump(by_alias=True, exclude_unset=True)
     if args.base:
         raw["base"] = args.base
-    weights = {k: float(v) for k, v in _pairs(args.weight, "--weight").items()}
+    weights = _weights(args.weight)
     if args.expert:
         raw["experts"] = [{"name": n, "path": p, "weight": weights.get(n, 1.0)}
                           for n, p in _pairs(args.expert, "--expert").items()]
-    elif weights:
+    else:
         for expert in raw.get("experts", []):
             expert["weight"] = weights.get(expert["name"], expert.get("weight", 1.0))
+    unknown = sorted(set(weights) - {e["name"] for e in raw.get("experts", [])})
+    if unknown:
+        raise LorsError(f"--weight names unknown expert(s) {unknown}; experts: "
+                        f"{[e['name'] for e in raw.get('experts', [])]}")
     if args.method:
         raw["method"] = args.method
     params = dict(raw.get("parameters", {}))
@@ -44,10 +67,11 @@ def _merge_config(args: argparse.Namespace):
         params["lambda"] = args.lambda_
     raw["parameters"] = params
     raw["groups"] = {**raw.get("groups", {}), **_pairs(args.group, "--group")}
-    if args.dtype:
-        raw["dtype"] = args.dtype
-    if args.shard_size_mb:
-        raw["shard_size_mb"] = args.shard_size_mb
+    for key in ("dtype", "shard_size_mb"):  # 0 is a value to validate, not "not given"
+        if getattr(args, key) is not None:
+            raw[key] = getattr(args, key)
+    if args.allow_other_base:
+        raw["allow_other_base"] = True
     if "method" not in raw:
         raise LorsError("no merge method given: pass --method (see `lors methods`) or a CONFIG.yaml")
     return validate_config(raw, source=args.config or "command line")
@@ -128,7 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       tasks=args.tasks, out=Path(args.out) if args.out else None,
                       batch_size=args.batch_size, num_beams=args.beams,
                       max_new_tokens=args.max_new_tokens, window_seconds=args.window,
-                      split=args.split, show_progress=not args.quiet)
+                      split=args.split, show_progress=not args.quiet, force=args.force)
     print(format_table(report))
     if args.out:
         print(f"results (every hypothesis included): {args.out}")
@@ -190,7 +214,7 @@ def cmd_tiny(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lors", description=__doc__)
+    parser = argparse.ArgumentParser(prog="lors", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
 
     m = commands.add_parser("merge", help="merge fine-tuned Whisper experts into one model")
@@ -212,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--shard-size-mb", dest="shard_size_mb", type=float)
     m.add_argument("--out", help="output directory (must not exist unless --force)")
     m.add_argument("--force", action="store_true", help="replace an existing output directory")
+    m.add_argument("--allow-other-base", dest="allow_other_base", action="store_true",
+                   help="merge even experts that look fine-tuned from another base")
     m.add_argument("--dry-run", dest="dry_run", action="store_true",
                    help="print the resolved config and per-group matches; write nothing")
     m.add_argument("--no-diagnostics", dest="no_diagnostics", action="store_true")
@@ -242,16 +268,25 @@ def build_parser() -> argparse.ArgumentParser:
     e = commands.add_parser("eval", help="decode a manifest with forced language/task tokens "
                                           "and score WER/CER (asr) or BLEU/chrF (st)")
     e.add_argument("model", nargs="?", default="base",
-                   help="model directory, hub id, or 'base' (default: the embedded base)")
+                   help="local Hugging Face Whisper folder (config.json, model.safetensors or "
+                        "a weights-only pytorch_model.bin, tokenizer and preprocessor files) "
+                        "or 'base' (default: the embedded base); hub ids are not downloaded: "
+                        "fetch the model first and pass its folder")
     e.add_argument("--manifest", required=True, help="manifest.jsonl (e.g. from lors synth)")
     e.add_argument("--languages", help="comma-separated ISO 639-1 codes (default: all present)")
     e.add_argument("--tasks", default="asr", help="asr, st or asr,st")
     e.add_argument("--split", help="only utterances of this split (e.g. test)")
-    e.add_argument("--out", help="results JSON")
+    e.add_argument("--out", help="results JSON, every hypothesis included (must not exist "
+                                 "unless --force)")
+    e.add_argument("--force", action="store_true", help="replace an existing --out file")
     e.add_argument("--batch-size", dest="batch_size", type=int, default=8)
     e.add_argument("--beams", type=int, default=1, help="1 = greedy")
-    e.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
-    e.add_argument("--window", type=float, help="encoder window in seconds (default: per clip)")
+    e.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64,
+                   help="cap on generated tokens per clip; clips over 30 s are decoded "
+                        "long-form, with max(this, 224) tokens per 30 s segment")
+    e.add_argument("--window", type=float,
+                   help="encoder window in seconds for clips that fit it; longer clips get a "
+                        "wider one, over 30 s long-form decoding (default: per clip)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
 
@@ -315,15 +350,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_lors_warnings() -> None:
+    """Show lors' own warnings as one ``lors: warning: ...`` line each (others unchanged)."""
+    import warnings
+    original = warnings.showwarning
+    if getattr(original, "lors", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, LorsWarning):
+            print(f"lors: warning: {message}", file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+    show.lors = True
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; exit 2 on a LorsError, 130 on Ctrl-C and 143 on SIGTERM, after the
+    temporaries of unfinished outputs were removed (SIGTERM is raised like Ctrl-C)."""
+    from .fsutil import Terminated, sigterm_as_interrupt
+
     args = build_parser().parse_args(argv)
+    _print_lors_warnings()
     try:
-        return args.func(args)
+        with sigterm_as_interrupt():
+            return args.func(args)
     except LorsError as exc:
         print(f"lors: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("lors: terminated; no output was published", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("lors: interrupted; nothing was written", file=sys.stderr)
+        print("lors: interrupted; no output was published", file=sys.stderr)
         return 130
 
 

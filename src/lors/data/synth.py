@@ -142,13 +142,6 @@ def _finished_duration(path: Path) -> float | None:
     return info.frames / SAMPLE_RATE
 
 
-def _remove_stale_temps(folder: Path, pattern: str = ".*.wav.tmp-*") -> None:
-    """Delete the temporary files (``.<name>.tmp-*``) that a killed run left behind."""
-    if folder.is_dir():
-        for stale in folder.glob(pattern):
-            stale.unlink(missing_ok=True)
-
-
 def _validate(languages: str | Iterable[str], splits: str | Iterable[str]):
     """Check language and split names before any work; return them as lists."""
     from .sentences import SPLITS  # lazy: keeps this module importable on its own
@@ -205,9 +198,7 @@ def synthesize(languages: str | Iterable[str], splits: str | Iterable[str],
         raise LorsError(f"the sentence bank has no sentences for splits {', '.join(splits)}")
     out_dir = Path(out_dir)
     planned = _plan_jobs(sentences, languages, out_dir)
-    for folder in {Path(job.utterance.audio).parent for job in planned}:
-        _remove_stale_temps(folder)
-    _remove_stale_temps(out_dir, ".manifest.jsonl.tmp-*")
+    # No sweep here: a killed run's temporaries go when the same file is written again (fsutil).
 
     def run(job: _Job) -> Utterance:
         path = Path(job.utterance.audio)

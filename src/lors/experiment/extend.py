@@ -10,7 +10,6 @@ new dev search, then the merge) and with retraining the MTL model on every langu
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 

@@ -131,7 +131,7 @@ def merge(config: MergeConfig, out: Path, *, force: bool = False, diagnostics: b
 
     ``workers`` threads read and prune experts concurrently (default: min(experts, CPUs)).
     """
-    check_output_free(out, force)
+    check_output_free(out, force, inputs=[config.base, *(e.path for e in config.experts)])
     started = time.perf_counter()
     plan = plan_merge(config)
     dtype = output_dtype(config, plan.base)

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..base import default_cache_dir, resolve_model_reference
 from ..data.manifest import Utterance, read_manifest
 from ..errors import LorsError
-from ..fsutil import check_output_free
+from ..fsutil import check_output_free, publish
 from .config import TrainConfig
 from .data import PairData, Selection, select
 from .loop import StepHook, train_stage
@@ -134,9 +134,7 @@ def _train_sequential(config, accelerator, base_dir: Path, pairs: list[PairData]
                  "train_seconds": sum(s["train_seconds"] for s in summaries),
                  "samples": sum(s["samples"] for s in summaries)}
         (work / "training.json").write_text(json.dumps(total, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
+        publish(work, out, force=config.force)
     accelerator.wait_for_everyone()
     return json.loads((out / "training.json").read_text())
 

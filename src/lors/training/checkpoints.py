@@ -1,9 +1,10 @@
 """Resumable training state: complete checkpoints or none, and the best-so-far weights.
 
 A checkpoint is accelerate's state (model, optimizer, scheduler and every process's RNG) plus
-``trainer_state.json``, written into ``step-N.tmp`` and renamed to ``step-N`` only when
-complete; older checkpoints are removed after that. A full disk or a kill while saving
-therefore leaves the previous checkpoint as the newest valid one.
+``trainer_state.json``, written into ``step-N.tmp`` (one name every process agrees on) and
+published as ``step-N`` (``fsutil.publish``) only when complete; older checkpoints are removed
+after that. A full disk or a kill while saving therefore leaves the previous checkpoint as the
+newest valid one.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import contextlib
 import errno
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import LorsError
+from ..fsutil import atomic_file, atomic_path, publish
 
 STATE_FILE = "trainer_state.json"
 
@@ -43,7 +44,7 @@ def save_checkpoint(accelerator, folder: Path, step: int, state: dict) -> Path:
             accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-            os.replace(tmp, final)
+            publish(tmp, final, force=True)
             for old in Path(folder).glob("step-*"):
                 if old != final:
                     shutil.rmtree(old, ignore_errors=True)
@@ -79,12 +80,10 @@ def load_checkpoint(accelerator, checkpoint: Path) -> dict:
 
 def save_best(folder: Path, weights: dict[str, torch.Tensor], info: dict) -> None:
     """Write the best-so-far trainable weights and their metric, each atomically."""
-    tmp = folder / "best.safetensors.tmp"
-    save_file(weights, str(tmp))
-    os.replace(tmp, folder / "best.safetensors")
-    info_tmp = folder / "best.json.tmp"
-    info_tmp.write_text(json.dumps(info, indent=2))
-    os.replace(info_tmp, folder / "best.json")
+    with atomic_path(folder / "best.safetensors") as tmp:
+        save_file(weights, str(tmp))
+    with atomic_file(folder / "best.json", "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(info, indent=2))
 
 
 def load_best(folder: Path) -> dict[str, torch.Tensor] | None:

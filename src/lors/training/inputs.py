@@ -23,6 +23,7 @@ from ..data.audio import SAMPLE_RATE, load_audio
 from ..data.manifest import Utterance
 from ..errors import LorsError
 from ..evaluation.window import encoder_window
+from ..fsutil import atomic_file
 
 
 _FEATURES: dict[tuple, torch.Tensor] = {}
@@ -94,8 +95,7 @@ def cached_encoder_outputs(whisper, extractor, utterances: Sequence[Utterance], 
 
     Outputs are stored as float16 (half the disk and memory; the rounding, about 5e-4
     relative, is far below what fine-tuning is sensitive to) and returned as float32. Each
-    file is written under a temporary name and renamed, so an interrupted run leaves no
-    partial entry.
+    file is written with ``atomic_file``, so an interrupted run leaves no partial entry.
     """
     folder = Path(cache_dir) / encoder_key(whisper, extractor, positions)
     folder.mkdir(parents=True, exist_ok=True)
@@ -119,9 +119,8 @@ def cached_encoder_outputs(whisper, extractor, utterances: Sequence[Utterance], 
         for utt, values in zip(batch, hidden):
             half = values.to(torch.float16).numpy()
             path = _utterance_file(folder, utt)
-            tmp = path.with_suffix(f".tmp-{os.getpid()}.npy")
-            np.save(tmp, half)
-            os.replace(tmp, path)
+            with atomic_file(path, "wb") as handle:
+                np.save(handle, half)
             outputs[utt.id] = torch.from_numpy(half).float()
         bar.update(len(batch))
     bar.close()

@@ -22,6 +22,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from ..data.audio import SAMPLE_RATE
 from ..errors import LorsError
 from ..evaluation.window import encoder_window
+from ..fsutil import publish
 from . import checkpoints, schedule
 from .batching import collate, tokenize_pairs
 from .config import TrainConfig
@@ -63,7 +64,7 @@ def train_stage(config: TrainConfig, accelerator, base_dir: Path, pairs: list[Pa
     """Train from ``base_dir`` on ``pairs`` and write the best model to ``out``.
 
     Work happens in ``<out>.partial``; a re-run with the same settings resumes from its
-    newest checkpoint, and ``out`` appears (renamed) only once complete. Returns the
+    newest checkpoint, and ``out`` appears (published) only once complete. Returns the
     summary also written to ``out/training.json``.
     """
     work = out.with_name(out.name + ".partial")
@@ -176,7 +177,8 @@ def train_stage(config: TrainConfig, accelerator, base_dir: Path, pairs: list[Pa
 def _finish(config, accelerator, model, base_dir, work, out, state, steps, positions,
             hop_length, pairs, stage, best) -> dict:
     """Load the best weights (in memory, else the last saved), export the model into
-    ``work/model`` and rename it to ``out``."""
+    ``work/model`` and publish it at ``out`` (an existing one, under --force, is deleted only
+    once the new one is in place)."""
     unwrapped = accelerator.unwrap_model(model)
     best = best if best is not None else checkpoints.load_best(work)
     if best is not None:
@@ -202,25 +204,13 @@ def _finish(config, accelerator, model, base_dir, work, out, state, steps, posit
         summary["files"] = export_model(unwrapped, config.mode, base_dir, folder)
         (folder / "training.json").write_text(json.dumps(summary, indent=2))
         shutil.copy2(work / "train_log.jsonl", folder / "train_log.jsonl")
-        _replace(folder, out)
+        publish(folder, out, force=config.force)
         shutil.rmtree(work, ignore_errors=True)
     accelerator.wait_for_everyone()
     # forget this stage's model and optimizer, so the next sequential stage's checkpoints
     # hold only its own (a resumed stage registers exactly one of each)
     accelerator.free_memory()
     return summary
-
-
-def _replace(folder: Path, out: Path) -> None:
-    """Rename ``folder`` to ``out``; an existing ``out`` (--force) is swapped out first."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        folder.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        folder.rename(out)
 
 
 def _claim_work_dir(work: Path, fingerprint: str, force: bool, accelerator) -> None:
