@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError
+from .limits import MAX_RANK, checked_numel
 
 SUPPORTED_VERSIONS = (6,)
 """Binary versions whose layout this reader implements (the one documented above)."""
@@ -37,9 +38,6 @@ _DTYPES: dict[int, np.dtype | str] = {
     5: _BFLOAT16,  # numpy has no bfloat16: stored as u16, widened to float32 on read
 }
 _SCALE_SUFFIX = "_scale"
-MAX_RANK = 32
-"""Most dimensions a variable may have: numpy 1.x's limit (Whisper's have at most 3)."""
-_MAX_ELEMENTS = 2**60  # numpy indexes bytes in int64: room for widening to float32/64
 
 
 @dataclass
@@ -130,17 +128,6 @@ class _Cursor:
         return arr.reshape(shape)
 
 
-def _numel(shape: tuple[int, ...]) -> int | None:
-    """Elements in an array of ``shape``, or None when the product of its non-zero dims
-    reaches 2**60 (numpy refuses such a shape even for an empty array)."""
-    bound = 1
-    for dim in shape:
-        bound *= max(dim, 1)
-        if bound >= _MAX_ELEMENTS:
-            return None
-    return 0 if 0 in shape else bound
-
-
 def _read_variable(cur: _Cursor, index: int) -> tuple[str, np.ndarray]:
     """Read one variable record; widen bfloat16 to float32."""
     name = cur.string(f"name of variable #{index}")
@@ -162,7 +149,7 @@ def _read_variable(cur: _Cursor, index: int) -> tuple[str, np.ndarray]:
     dtype = _DTYPES[type_id]
     bf16 = dtype == _BFLOAT16
     np_dtype = np.dtype("<u2") if bf16 else dtype
-    numel = _numel(shape)
+    numel = checked_numel(shape)
     if numel is None:
         raise CheckpointError(
             f"{cur.path}: corrupt CTranslate2 file: variable {name!r} has shape {list(shape)}, "

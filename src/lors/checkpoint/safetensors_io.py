@@ -24,6 +24,7 @@ from typing import Iterable, Mapping
 import torch
 
 from ..errors import CheckpointError
+from .limits import MAX_RANK, checked_numel
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -32,9 +33,6 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
-MAX_RANK = 32
-"""Most dimensions a tensor may have: numpy 1.x's limit (Whisper tensors have at most 3)."""
-_MAX_ELEMENTS = 2**60  # torch and numpy index in int64 bytes: room for 8-byte dtypes
 
 
 @dataclass(frozen=True)
@@ -70,21 +68,6 @@ def _brief(value: object, limit: int = 80) -> str:
     """``repr(value)`` cut to ``limit`` characters: corrupt headers can hold huge values."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _numel(shape: tuple[int, ...]) -> int | None:
-    """Elements in a tensor of ``shape`` (non-negative dims), or None when the product of
-    its non-zero dims reaches 2**60.
-
-    Even an empty tensor needs that product as an int64 stride, and torch and numpy refuse
-    (or overflow on) it when it is too large; stopping early keeps absurd dims cheap.
-    """
-    bound = 1
-    for dim in shape:
-        bound *= max(dim, 1)
-        if bound >= _MAX_ELEMENTS:
-            return None
-    return 0 if 0 in shape else bound
 
 
 class SafetensorsFile:
@@ -166,7 +149,7 @@ class SafetensorsFile:
             raise self._fail(f"tensor {name!r} has data_offsets {_brief(offsets)}, not "
                              "[begin, end] with integers 0 <= begin <= end")
         dtype = DTYPES[dtype_name]
-        numel = _numel(tuple(shape))
+        numel = checked_numel(tuple(shape))
         if numel is None:
             raise self._fail(f"tensor {name!r} has shape {_brief(shape)}, too large for any tensor")
         nbytes = numel * _element_size(dtype)
