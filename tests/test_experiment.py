@@ -30,6 +30,7 @@ def tiny_experiment(tmp_path_factory):
                        "task_arithmetic": {"lambda": [0.5]}, "ties": {"keep": [0.2]},
                        "dare": {"keep": 0.5, "seed": 1}, "magnitude": {}, "svd": {"rank": 2},
                        "tsv": {}, "iso_c": {}, "average": {}},
+           "search": {"equal_budget": False},
            "extensibility": {"language": "fr"}, "out": str(root / "out")}
     path = root / "experiment.yaml"
     import yaml
@@ -53,9 +54,16 @@ def test_tiny_experiment_reports_every_method_and_resumes(tiny_experiment):
     assert everything["name"] == "all" and len(everything["pairs"]) == 4
     for model in everything["models"]:
         assert model["normalised"] is not None and len(model["results"]) == 4
+        assert [r["n"] for r in model["results"]] == [3] * 4  # each test clip decoded once
     lors_points = [p for p in experiment["sweeps"] if p["method"] == "lors" and p["setting"] == "all"]
     assert len(lors_points) == 4
-    assert experiment["extensibility"]["rows"][0]["normalised"] is not None
+    extension = experiment["extensibility"]
+    assert [r["name"].split(" ")[0] for r in extension["rows"]] == ["existing", "add",
+                                                                    "re-merge", "retrain"]
+    assert all(r["normalised"] is not None and r["cost_s"] > 0 for r in extension["rows"])
+    # the existing merge had its own search, which never saw French
+    assert list((root / "out" / "search").glob("all-without-fr-lors-*.json"))
+    assert extension["added_params"]["lambda"] != extension["params"].get("lambda")
     assert "re-merged" in experiment["extensibility"]["note"]
     assert "lors" in summary(experiment)
 

@@ -15,6 +15,8 @@ from .. import __version__
 from ..errors import ConfigError
 from ..merging import validate_config
 from ..merging.config import resolve
+from ..merging.groups import GROUPS, MATRIX_GROUPS
+from ..merging.methods import METHOD_ALIASES, METHODS, OPS
 
 Setting = Literal["asr", "st", "multitask", "all"]
 SETTING_TITLES = {"asr": "Multi-lingual ASR", "st": "Multi-lingual ST",
@@ -50,9 +52,18 @@ class TrainingSpec(_Strict):
 
 
 class SearchSpec(_Strict):
-    """The dev-set hyper-parameter search of every merge method."""
+    """The dev-set hyper-parameter search of every merge method.
+
+    ``equal_budget``: every method that has parameters to tune must list the same number of
+    grid points, so no method wins by being searched harder. ``widen_edges``: when the best
+    lambda is the largest or smallest of its grid, up to this many points are added past that
+    edge (one grid step further, or half the smallest lambda); a choice still on an edge is
+    flagged in the report.
+    """
 
     metric: Literal["token-accuracy", "wer-bleu"] = "token-accuracy"
+    equal_budget: bool = True
+    widen_edges: int = Field(default=2, ge=0)
 
 
 class EvaluationSpec(_Strict):
@@ -82,6 +93,13 @@ class ExperimentConfig(_Strict):
     search: SearchSpec = SearchSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     extensibility: ExtensibilitySpec | None = None
+    # How every method merges the groups outside the 2-D attention/FFN matrices (biases,
+    # LayerNorms, conv front-end, embeddings: the token embedding alone is about a third of
+    # Whisper base). "average": their mean task vector, whatever the method and lambda (one
+    # policy, so rankings compare matrix merging only); "task_arithmetic": lambda * sum;
+    # "keep_base": the base's; "method": each method's own choice (LoRS and task arithmetic
+    # scale the sum by lambda, TIES and DARE prune, TSV and Iso-C average).
+    non_matrix: Literal["average", "task_arithmetic", "keep_base", "method"] = "average"
     out: str = "runs/experiment"
 
     @field_validator("languages")
@@ -104,7 +122,18 @@ class ExperimentConfig(_Strict):
             raise ValueError("extensibility.language must be one of languages")
         if self.extensibility and len(self.languages) < 2:
             raise ValueError("extensibility needs at least two languages")
+        if self.search.equal_budget:
+            self._check_equal_budget()
         return self
+
+    def _check_equal_budget(self) -> None:
+        sizes = {method: len(self.grid(method)) for method in self.methods
+                 if _tunable(method)}
+        if len(set(sizes.values())) > 1:
+            listed = ", ".join(f"{m} {n}" for m, n in sizes.items())
+            raise ValueError(f"search.equal_budget: the grids have different numbers of points "
+                             f"({listed}); give every method the same number, or set "
+                             "search.equal_budget: false")
 
     def grid(self, method: str) -> list[dict]:
         """Every point of ``method``'s grid, lambda last so points differ only in it last."""
@@ -112,6 +141,12 @@ class ExperimentConfig(_Strict):
         keys = sorted(spec, key=lambda k: (k == "lambda", k))
         values = [v if isinstance(v, list) else [v] for v in (spec[k] for k in keys)]
         return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+    def group_ops(self) -> dict[str, str]:
+        """The per-group op overrides every merge of this experiment uses (see non_matrix)."""
+        if self.non_matrix == "method":
+            return {}
+        return {group: self.non_matrix for group in GROUPS if group not in MATRIX_GROUPS}
 
     def pairs(self) -> list[tuple[str, str]]:
         return [(language, task) for language in self.languages for task in self.tasks]
@@ -131,6 +166,13 @@ class ExperimentConfig(_Strict):
         return out
 
 
+def _tunable(method: str) -> bool:
+    """Whether any op of ``method`` reads a parameter (the plain average reads none)."""
+    name = METHOD_ALIASES.get(method, (method,))[0]
+    spec = METHODS.get(name)
+    return spec is None or bool(OPS[spec.matrix_op].parameters | OPS[spec.other_op].parameters)
+
+
 def digest(*parts: Any) -> str:
     """A short stable hash of JSON-serialisable parts: the cache key of a stage.
 
@@ -145,13 +187,15 @@ def check_methods(config: ExperimentConfig) -> None:
     """ConfigError for an unknown method or a parameter the method does not read, per point."""
     for method in config.methods:
         for point in config.grid(method):
-            validate_and_resolve(method, point, experts=2, source=f"methods.{method}")
+            validate_and_resolve(method, point, experts=2, source=f"methods.{method}",
+                                 groups=config.group_ops())
 
 
-def validate_and_resolve(method: str, params: dict, experts: int,
-                         source: str) -> tuple[str, dict, dict[str, str]]:
+def validate_and_resolve(method: str, params: dict, experts: int, source: str,
+                         groups: dict[str, str] | None = None
+                         ) -> tuple[str, dict, dict[str, str]]:
     """The engine's (method, parameters, op per group) for ``experts`` experts, without files."""
-    raw = {"base": "unused", "method": method, "parameters": params,
+    raw = {"base": "unused", "method": method, "parameters": params, "groups": groups or {},
            "experts": [{"name": f"e{i}", "path": "unused"} for i in range(experts)]}
     return resolve(validate_config(raw, source=source))
 

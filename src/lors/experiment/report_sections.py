@@ -139,10 +139,33 @@ def swept_params(points: list[dict]) -> list[str]:
 
 
 def best_sweep_line(method: str, points: list[dict]) -> str:
-    """``"lors: 12 dev points; best 95.3 % at lambda=0.2, rank=7"``."""
+    """``"lors: 12 dev points (+1 past a lambda edge); best 95.3 % at lambda=0.2, rank=7"``,
+    with a flag for every parameter whose chosen value is still the edge of its grid."""
     scored = [point for point in points if point.get("dev_score") is not None]
     if not scored:
         return f"{method}: {len(points)} dev points, none scored"
     best = max(scored, key=lambda point: point["dev_score"])
-    return (f"{method}: {len(points)} dev points; best {fmt(best['dev_score'])} % "
-            f"at {params_text(best.get('params', {})) or 'defaults'}")
+    widened = sum(1 for point in points if point.get("widened"))
+    line = (f"{method}: {len(points) - widened} dev points"
+            + (f" (+{widened} past a lambda edge)" if widened else "")
+            + f"; best {fmt(best['dev_score'])} % at "
+            + (params_text(best.get("params", {})) or "defaults"))
+    edges = on_grid_edge(best.get("params", {}), points)
+    if edges:
+        line += f". On the edge of its grid: {', '.join(edges)} (widen the grid)"
+    return line
+
+
+def on_grid_edge(chosen: dict, points: list[dict]) -> list[str]:
+    """Parameters whose chosen value is the smallest or largest of 3 or more values tried
+    (or of 2, for lambda, whose grid is widened past an edge)."""
+    edges = []
+    for name in swept_params(points):
+        values = {point["params"][name] for point in points if name in point["params"]}
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            continue  # a choice (scope, svd), not a range
+        values = sorted(values)
+        if len(values) >= (2 if name == "lambda" else 3) and chosen.get(name) in (values[0],
+                                                                                   values[-1]):
+            edges.append(f"{name}={chosen[name]}")
+    return edges

@@ -25,7 +25,7 @@ from .config import ExperimentConfig, digest
 from .extend import extensibility
 from .normalised import normalised_performance
 from .report import format_summary_table, write_report
-from .search import DevScorer, Lazy, TaskVectors, best_point, search_method
+from .search import SettingSearch, best_point
 from .stages import cached_json, cached_model, device_name, evaluated, trained_model
 
 
@@ -75,7 +75,8 @@ class Experiment:
         return TrainConfig(**{**values, **extra})
 
     def test_results(self, name: str, model: str | Path, pairs) -> dict:
-        clips = [c for cs in self.test.values() for c in cs]
+        # the asr and st pairs of a language share its clips: each clip once, not once per pair
+        clips = list({c.id: c for pair in pairs for c in self.test[tuple(pair)]}.values())
         path = self.out / "eval" / f"{name}-{digest(str(model), pairs, self.eval_key)}.json"
         if self.show and not path.is_file():
             print(f"  evaluate {name} on test ({len(pairs)} pairs)", flush=True)
@@ -99,11 +100,13 @@ class Experiment:
                              self.utterances)
 
     def merge_path(self, setting: str, method: str, params: dict) -> Path:
-        return self.model_path(f"merge-{setting}-{method}", digest(self.train_key, params))
+        return self.model_path(f"merge-{setting}-{method}",
+                               digest(self.train_key, params, self.config.group_ops()))
 
     def merged(self, setting: str, method: str, params: dict, experts: dict[str, str]) -> dict:
         path = self.merge_path(setting, method, params)
         config = validate_config({"base": str(self.base), "method": method, "parameters": params,
+                                  "groups": self.config.group_ops(),
                                   "experts": [{"name": n, "path": p} for n, p in experts.items()]})
         return cached_model(path, lambda: merge(config, path, force=True, progress=False),
                             "merge_s", device="cpu")  # the streaming engine runs on CPU
@@ -121,7 +124,6 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
         experts[pair] = exp.expert(pair)
         expert_eval[pair] = exp.test_results(f"expert-{pair[0]}-{pair[1]}", experts[pair]["path"], [pair])
     expert_test = {pair: expert_eval[pair]["results"][0] for pair in pairs}
-    dev_pairs = {p.language: p.dev for p in exp.selection.pairs}
     settings, sweeps, cosines = [], [], []
     for setting, title, setting_pairs in config.setting_pairs():
         say(f"setting {setting}: {', '.join('-'.join(p) for p in setting_pairs)}")
@@ -134,19 +136,11 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
             result = exp.test_results(f"{baseline}-{setting}", trained["path"], setting_pairs)
             models.append(_row(baseline, baseline, result, setting_pairs, expert_test,
                                train_s=trained["train_s"]))
-        names = {f"{l}-{t}": experts[(l, t)]["path"] for l, t in setting_pairs}
-        dev = {p: dev_pairs[p[0]] for p in setting_pairs}
-        metric = config.search.metric
-        scorer = Lazy(lambda: DevScorer(exp.base, dev, metric))
-        vectors = Lazy(lambda: TaskVectors(str(exp.base), names))
-        expert_dev = cached_json(exp.out / "search" / f"{setting}-experts-{digest(exp.train_key, metric)}.json",
-                                 lambda: _expert_dev(scorer, experts, setting_pairs))
-        expert_dev = {tuple(k.split("|")): v for k, v in expert_dev.items()}
+        search = SettingSearch(exp, setting, setting_pairs, experts)
+        names = search.expert_paths
         for method in config.methods:
             say(f"  search {method}")
-            points = search_method(exp.out / "search", setting, method, config.grid(method),
-                                   vectors, scorer, expert_dev, metric,
-                                   digest(exp.train_key, metric))
+            points = search.points(method, config.grid(method), config.search.widen_edges)
             sweeps += points
             best = best_point(points)
             merged = exp.merged(setting, method, best["params"], names)
@@ -156,7 +150,7 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
                                params=best["params"], merge_s=merged["merge_s"] + search_s,
                                train_s=sum(experts[p]["train_s"] for p in setting_pairs)))
         matrix = cached_json(exp.out / "search" / f"{setting}-cosines-{exp.train_key}.json",
-                             lambda: {"matrix": vectors().cosines()})["matrix"]
+                             lambda: {"matrix": search.vectors().cosines()})["matrix"]
         cosines.append({"setting": setting, "labels": list(names), "matrix": matrix})
         settings.append({"name": setting, "title": title, "pairs": [list(p) for p in setting_pairs],
                          "models": models})
@@ -170,14 +164,6 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
     experiment["report"] = {k: str(v) if not isinstance(v, list) else [str(x) for x in v]
                             for k, v in write_report(experiment, exp.out / "report").items()}
     return experiment
-
-
-def _expert_dev(scorer, experts, pairs) -> dict:
-    out = {}
-    for pair in pairs:
-        scorer().load(model_dir=Path(experts[pair]["path"]))
-        out["|".join(pair)] = scorer().results()[pair]
-    return out
 
 
 def _row(name, kind, evaluation, pairs, expert_test, params=None, train_s=None,
@@ -220,8 +206,23 @@ def _notes(exp: Experiment) -> list[str]:
             "BLEU_expert (st), averaged, in percent (100 = every expert at once).",
             f"Hyper-parameters were chosen on dev by {exp.config.search.metric}, normalised by "
             "each pair's expert; test utterances were not used for any choice.",
+            _non_matrix_note(exp.config.non_matrix),
+            "The sentence bank is parallel: every language renders the same rows, so the ST "
+            "test sets of all languages share their English references, and the MTL model sees "
+            "each English target once per language.",
             "Merge cost = the dev search plus the streaming merge; its train cost is the "
             "experts' training time."]
+
+
+def _non_matrix_note(policy: str) -> str:
+    what = {"average": "the mean of the experts' task vectors (no lambda)",
+            "task_arithmetic": "task arithmetic (lambda * sum)",
+            "keep_base": "the base's own weights",
+            "method": "each method's own rule (LoRS, task arithmetic, magnitude and SVD: lambda "
+                      "* sum; TIES and DARE: pruned; TSV and Iso-C: the mean)"}[policy]
+    return ("Groups outside the 2-D attention/FFN matrices (biases, LayerNorms, conv "
+            f"front-end, token and position embeddings) are merged by {what} in every method "
+            f"(non_matrix: {policy}).")
 
 
 def summary(experiment: dict) -> str:

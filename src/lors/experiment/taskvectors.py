@@ -53,10 +53,12 @@ class TaskVectors:
                                                       self.base[entry.name])
         self.svd_cache: dict = {}
 
-    def delta(self, method: str, params: dict) -> SearchDelta:
-        """The merge of ``method`` at ``params`` (lambda, if given, only sets the default)."""
+    def delta(self, method: str, params: dict, groups: dict[str, str] | None = None
+              ) -> SearchDelta:
+        """The merge of ``method`` at ``params`` with per-group op overrides ``groups``, as
+        ``lors merge`` resolves them (lambda, if given, only sets the default)."""
         weights = [1.0] * len(self.names)
-        _, resolved, group_ops = resolve_method(method, params, {}, weights)
+        _, resolved, group_ops = resolve_method(method, params, groups or {}, weights)
         entries, _ = core.plan_entries(self.meta, group_ops, resolved)
         thresholds = core.global_thresholds(entries, resolved, len(self.names),
                                             self.taus.__getitem__)

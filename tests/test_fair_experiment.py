@@ -1,0 +1,82 @@
+"""The experiment compares methods fairly: one non-matrix policy, equal search budgets,
+lambda grids widened past an edge, edge choices flagged (issue 10, item 0)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lors.errors import ConfigError
+from lors.experiment.config import load_experiment
+from lors.experiment.report_sections import best_sweep_line, on_grid_edge
+from lors.experiment.search import lambda_past_edge
+from lors.merging.groups import GROUPS, MATRIX_GROUPS
+
+BASE = {"languages": ["de", "fr"], "tasks": ["asr"], "settings": ["asr"], "out": "unused"}
+
+
+def point(score: float, **params) -> dict:
+    return {"params": params, "dev_score": score}
+
+
+def test_unequal_grids_are_refused_with_their_sizes():
+    with pytest.raises(ConfigError, match=r"equal_budget.*lors 4, ties 2"):
+        load_experiment(None, **BASE, methods={"lors": {"rank": [2, 4], "lambda": [0.2, 0.4]},
+                                               "ties": {"lambda": [0.5, 1.0]}, "average": {}})
+    config = load_experiment(None, **BASE, methods={"lors": {"rank": [2, 4]},
+                                                    "ties": {"lambda": [0.5, 1.0]},
+                                                    "average": {}})  # average tunes nothing
+    assert config.search.equal_budget
+    load_experiment(None, **BASE, search={"equal_budget": False},
+                    methods={"lors": {"rank": [2, 4], "lambda": [0.2, 0.4]}, "ties": {}})
+
+
+def test_non_matrix_policy_overrides_every_non_matrix_group():
+    config = load_experiment(None, **BASE, methods={"ties": {}})
+    assert config.non_matrix == "average"
+    assert config.group_ops() == {g: "average" for g in GROUPS if g not in MATRIX_GROUPS}
+    own = load_experiment(None, **BASE, non_matrix="method", methods={"ties": {}})
+    assert own.group_ops() == {}
+
+
+def test_lambda_is_widened_past_the_edge_it_won_on():
+    top = [point(1, **{"lambda": 0.1}), point(2, **{"lambda": 0.2}),
+           point(3, **{"lambda": 0.3})]
+    assert lambda_past_edge(top) == pytest.approx(0.4)
+    bottom = [point(3, **{"lambda": 0.1}), point(2, **{"lambda": 0.3})]
+    assert lambda_past_edge(bottom) == pytest.approx(0.05)  # 0.1 - 0.2 < 0: half of 0.1
+    inside = [point(1, **{"lambda": 0.1}), point(3, **{"lambda": 0.2}),
+              point(2, **{"lambda": 0.3})]
+    assert lambda_past_edge(inside) is None
+    assert lambda_past_edge([point(1, rank=2), point(2, rank=4)]) is None
+
+
+def test_a_choice_on_a_grid_edge_is_flagged():
+    points = [point(1, rank=2, **{"lambda": 0.1}), point(2, rank=4, **{"lambda": 0.2}),
+              point(3, rank=8, **{"lambda": 0.3}), {**point(2.5, rank=8, **{"lambda": 0.4}),
+                                                    "widened": True}]
+    assert on_grid_edge(points[2]["params"], points) == ["rank=8"]
+    line = best_sweep_line("lors", points)
+    assert "3 dev points (+1 past a lambda edge)" in line
+    assert "On the edge of its grid: rank=8" in line
+
+
+def test_search_with_a_group_policy_equals_the_engine(tiny_models, tmp_path):
+    from conftest import load_state
+    from lors.experiment.taskvectors import TaskVectors
+    from lors.merging import merge, validate_config
+    groups = {g: "average" for g in GROUPS if g not in MATRIX_GROUPS}
+    experts = {n: str(p) for n, p in tiny_models["experts"].items()}
+    vectors = TaskVectors(str(tiny_models["base"]), experts)
+    for method in ("lors", "ties"):
+        state = vectors.state(vectors.delta(method, {}, groups), 0.6)
+        config = validate_config({"base": str(tiny_models["base"]), "method": method,
+                                  "parameters": {"lambda": 0.6}, "groups": groups,
+                                  "experts": [{"name": n, "path": p} for n, p in experts.items()]})
+        merge(config, tmp_path / method, diagnostics=False)
+        reference = load_state(tmp_path / method)
+        for name, tensor in state.items():
+            torch.testing.assert_close(tensor, reference[name], rtol=1e-5, atol=1e-6)
+        bias = "model.encoder.layers.0.fc1.bias"
+        mean = sum(vectors.taus[bias]) / 3
+        torch.testing.assert_close(state[bias], vectors.base[bias] + mean)  # lambda-free
