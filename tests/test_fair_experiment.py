@@ -80,3 +80,31 @@ def test_search_with_a_group_policy_equals_the_engine(tiny_models, tmp_path):
         bias = "model.encoder.layers.0.fc1.bias"
         mean = sum(vectors.taus[bias]) / 3
         torch.testing.assert_close(state[bias], vectors.base[bias] + mean)  # lambda-free
+
+
+def bank_utterances(rows: int, languages=("de", "fr", "es")) -> list:
+    from lors.data.manifest import Utterance
+    return [Utterance(id=f"{lang}-{split}-s{i}", language=lang, split=split, audio="x.wav",
+                      duration=1.0, transcript=f"{lang} sentence {i}",
+                      translation=f"sentence {i}")
+            for i in range(rows) for lang in languages for split in ("train", "dev")]
+
+
+def test_disjoint_languages_train_each_sentence_in_one_language_only():
+    from collections import Counter
+    from lors.training.data import disjoint_training
+    utterances = bank_utterances(10)
+    kept = disjoint_training(utterances, ["de", "fr", "es"], "bank")
+    train = [u for u in kept if u.split == "train"]
+    assert len({u.translation for u in train}) == len(train) == 10  # every sentence once
+    assert sorted(Counter(u.language for u in train).values()) == [3, 3, 4]
+    assert [u for u in kept if u.split == "dev"] == [u for u in utterances if u.split == "dev"]
+    assert disjoint_training(utterances, ["de", "fr", "es"], "bank") == kept  # deterministic
+
+
+def test_disjoint_languages_with_too_few_sentences_fail_before_training():
+    from lors.errors import LorsError
+    from lors.training.data import disjoint_training
+    with pytest.raises(LorsError, match=r"disjoint_languages: bank has 10 distinct train "
+                                        r"sentences for 3 languages.*train_per_pair = 5"):
+        disjoint_training(bank_utterances(10), ["de", "fr", "es"], "bank", needed=5)

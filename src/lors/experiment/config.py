@@ -34,6 +34,9 @@ class DataSpec(_Strict):
     train_per_pair: int | None = Field(default=None, ge=1)
     dev_per_pair: int | None = Field(default=None, ge=1)
     test_per_pair: int | None = Field(default=None, ge=1)
+    # no sentence is trained on in two languages (each language its own sentences, as in
+    # CoVoST 2); dev and test splits are unchanged
+    disjoint_languages: bool = False
 
 
 class TrainingSpec(_Strict):

@@ -20,9 +20,10 @@ from ..fsutil import atomic_file
 from ..merging import merge, validate_config
 from ..training import TrainConfig
 from ..training.api import check_base_knows, default_speech
-from ..training.data import select
+from ..training.data import disjoint_training, select
 from .config import ExperimentConfig, digest
 from .extend import extensibility
+from .intervals import bootstrap_normalised
 from .normalised import normalised_performance
 from .report import format_summary_table, write_report
 from .search import SettingSearch, best_point
@@ -39,6 +40,9 @@ class Experiment:
         check_base_knows(self.base, config.pairs())
         manifest = config.data.manifest or default_speech(config.languages, show_progress)
         utterances = read_manifest(manifest)
+        if config.data.disjoint_languages:
+            utterances = disjoint_training(utterances, config.languages, str(manifest),
+                                           config.data.train_per_pair)
         self.selection = select(utterances, config.pairs(), str(manifest),
                                 limit=config.data.train_per_pair,
                                 dev_limit=config.data.dev_per_pair)
@@ -152,6 +156,7 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
         matrix = cached_json(exp.out / "search" / f"{setting}-cosines-{exp.train_key}.json",
                              lambda: {"matrix": search.vectors().cosines()})["matrix"]
         cosines.append({"setting": setting, "labels": list(names), "matrix": matrix})
+        _add_intervals(models, setting_pairs, expert_test)
         settings.append({"name": setting, "title": title, "pairs": [list(p) for p in setting_pairs],
                          "models": models})
     experiment = {"name": config.name, "size": _size(exp), "settings": settings,
@@ -169,11 +174,13 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
 def _row(name, kind, evaluation, pairs, expert_test, params=None, train_s=None,
          merge_s=None) -> dict:
     results = [r for r in evaluation["results"] if (r["language"], r["task"]) in set(pairs)]
+    utterances = {(r["language"], r["task"]): r.get("utterances") for r in results}
     results = [{k: v for k, v in r.items() if k != "utterances"} for r in results]
     row = {"name": name, "kind": kind, "results": results,
            "normalised": normalised_performance(results, expert_test)["percent"],
            "cost": {"train_s": train_s, "merge_s": merge_s, "eval_s": evaluation["eval_s"],
-                    "device": evaluation.get("device", device_name())}}
+                    "device": evaluation.get("device", device_name())},
+           "_utterances": utterances}  # for _add_intervals, which removes it
     if params is not None:
         row["params"] = params
     return row
@@ -185,7 +192,28 @@ def _expert_row(pairs, experts, expert_eval, expert_test) -> dict:
     return {"name": "expert", "kind": "expert", "results": results, "normalised": 100.0,
             "cost": {"train_s": sum(experts[p]["train_s"] for p in pairs), "merge_s": None,
                      "eval_s": sum(expert_eval[p]["eval_s"] for p in pairs),
-                     "device": experts[pairs[0]]["device"]}}
+                     "device": experts[pairs[0]]["device"]},
+            "_utterances": {p: expert_test[p].get("utterances") for p in pairs}}
+
+
+_INTERVAL_KEYS = ("normalised_interval", "normalised_geometric", "normalised_geometric_interval",
+                  "paired", "test_per_pair", "excluded_pairs", "all_pairs_excluded", "bootstrap")
+
+
+def _add_intervals(models: list[dict], pairs, expert_test) -> None:
+    """Add to every row of one setting its bootstrap intervals, geometric mean, paired tests
+    against lors and mtl, test size per pair and excluded pairs
+    (:func:`.intervals.bootstrap_normalised`, utterances resampled jointly across the rows
+    and the experts); remove the rows' ``_utterances``. Rows from evaluations without
+    per-utterance records (cached before they were stored) get none of these keys."""
+    records = {model["name"]: model.pop("_utterances", None) or {} for model in models}
+    experts = {pair: expert_test[pair].get("utterances") for pair in pairs}
+    if not all(experts.values()) or not all(by_pair.get(pair) for by_pair in records.values()
+                                            for pair in pairs):
+        return
+    intervals = bootstrap_normalised(records, experts)
+    for model in models:
+        model.update({key: intervals[model["name"]][key] for key in _INTERVAL_KEYS})
 
 
 def _size(exp: Experiment) -> dict:

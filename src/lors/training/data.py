@@ -109,3 +109,40 @@ def window_positions(longest_seconds: float, full_positions: int, hop_length: in
     (so a model trains on the windows it is evaluated with), capped at the full window."""
     return window_for(round(longest_seconds * SAMPLE_RATE), None, full_positions,
                       hop_length).positions
+
+
+def disjoint_training(utterances: Sequence[Utterance], languages: Sequence[str], source: str,
+                      needed: int | None = None, split: str = "train") -> list[Utterance]:
+    """``utterances`` with each sentence trained on in one language only (as in CoVoST 2,
+    where every language has its own sentences).
+
+    A sentence is identified by its English translation (the rows of a parallel bank share
+    it), else by its transcript. The ``split`` sentences that several of ``languages`` hold
+    are dealt out in turn, in order of first appearance, to the languages that hold them;
+    each language keeps only its own. Other splits and languages are unchanged. LorsError,
+    before any training, when a language would keep fewer than ``needed`` (or no) sentences.
+    """
+    wanted = set(languages)
+    holders: dict[str, list[str]] = {}
+    for utt in utterances:
+        if utt.split == split and utt.language in wanted:
+            holders.setdefault(utt.translation or utt.transcript, []).append(utt.language)
+    owner = {}
+    dealt = Counter()
+    for key, langs in holders.items():
+        ordered = sorted(set(langs), key=list(languages).index)
+        owner[key] = min(ordered, key=lambda lang: (dealt[lang], ordered.index(lang)))
+        dealt[owner[key]] += 1
+    kept = [u for u in utterances if u.split != split or u.language not in wanted
+            or owner[u.translation or u.transcript] == u.language]
+    counts = Counter(u.language for u in kept if u.split == split and u.language in wanted)
+    short = {lang: counts[lang] for lang in languages if counts[lang] < max(needed or 1, 1)}
+    if short:
+        raise LorsError(f"data.disjoint_languages: {source} has {len(holders)} distinct {split} "
+                        f"sentences for {len(wanted)} languages, so each keeps about "
+                        f"{len(holders) // max(len(wanted), 1)}: "
+                        + ", ".join(f"{lang} {n}" for lang, n in short.items())
+                        + (f", fewer than train_per_pair = {needed}" if needed else "")
+                        + f". Lower train_per_pair, use fewer languages, or a corpus with at "
+                        f"least {len(wanted) * max(needed or 1, 1)} {split} sentences")
+    return kept
