@@ -29,8 +29,9 @@ def tiny_experiment(tmp_path_factory):
            "methods": {"lors": {"rank": [1, 2], "keep": [0.2], "lambda": [0.5, 1.0]},
                        "task_arithmetic": {"lambda": [0.5]}, "ties": {"keep": [0.2]},
                        "dare": {"keep": 0.5, "seed": 1}, "magnitude": {}, "svd": {"rank": 2},
-                       "tsv": {}, "iso_c": {}, "average": {}},
-           "search": {"equal_budget": False},
+                       "tsv": {}, "iso_c": {}, "average": {}, "cart": {}, "iso_cts": {},
+                       "svc": {}},
+           "search": {"equal_budget": False, "widen_edges": 0},
            "extensibility": {"language": "fr"}, "out": str(root / "out")}
     path = root / "experiment.yaml"
     import yaml
@@ -145,7 +146,10 @@ def search_vectors(tiny_models):
     ("dare", {"keep": 0.6, "seed": 3}), ("magnitude", {"keep": 0.3}), ("svd", {"rank": 2}),
     ("tsv", {}), ("iso_c", {}), ("average", {}), ("dare_ties", {"keep": 0.6}),
     ("ties", {"keep": 0.3, "scope": "global"}), ("magnitude", {"keep": 0.3, "scope": "global"}),
-    ("lors", {"rank": 3, "keep": 0.2, "svd": "exact"})])
+    ("lors", {"rank": 3, "keep": 0.2, "svd": "exact"}),
+    ("cart", {}), ("cart", {"rank": 2, "svd": "exact"}), ("cart", {"rank_ratio": 0.2}),
+    ("iso_cts", {}), ("iso_cts", {"common_ratio": 0.5}), ("svc", {}),
+    ("svc", {"svc_alpha": 0.5})])
 def test_search_merges_equal_the_streaming_engine(tiny_models, search_vectors, tmp_path, method,
                                                   params):
     """The in-memory search merge (lambda applied afterwards) is the engine's merge."""

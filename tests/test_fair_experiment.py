@@ -108,3 +108,55 @@ def test_disjoint_languages_with_too_few_sentences_fail_before_training():
     with pytest.raises(LorsError, match=r"disjoint_languages: bank has 10 distinct train "
                                         r"sentences for 3 languages.*train_per_pair = 5"):
         disjoint_training(bank_utterances(10), ["de", "fr", "es"], "bank", needed=5)
+
+
+def test_lambda_per_group_and_block_in_the_engine(tiny_models, tmp_path):
+    """The most specific selector wins: group.half, group, side.half, side, then lambda."""
+    from conftest import load_state
+    from lors.merging import merge, validate_config
+    lambdas = {"encoder.lower": 0.1, "decoder": 0.2, "cross_attention.upper": 0.7,
+               "layer_norm": 0.0}
+    config = validate_config({"base": str(tiny_models["base"]), "method": "task_arithmetic",
+                              "parameters": {"lambda": 0.5, "lambdas": lambdas},
+                              "experts": [{"name": n, "path": str(p)}
+                                          for n, p in tiny_models["experts"].items()]})
+    merge(config, tmp_path / "out", diagnostics=False)
+    merged, base = load_state(tmp_path / "out"), load_state(tiny_models["base"])
+    experts = [load_state(p) for p in tiny_models["experts"].values()]
+    expected = {"model.encoder.layers.0.fc1.weight": 0.1,             # encoder.lower
+                "model.encoder.layers.1.fc1.weight": 0.5,             # encoder.upper: lambda
+                "model.decoder.layers.0.encoder_attn.q_proj.weight": 0.2,   # decoder
+                "model.decoder.layers.1.encoder_attn.q_proj.weight": 0.7,   # group.half
+                "model.decoder.layers.1.self_attn_layer_norm.weight": 0.0,  # group over side
+                "model.encoder.conv1.weight": 0.5}                    # outside the layers
+    for name, lam in expected.items():
+        want = base[name] + lam * sum(e[name] - base[name] for e in experts)
+        torch.testing.assert_close(merged[name], want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_unknown_lambda_selector_is_refused():
+    from lors.merging import validate_config
+    with pytest.raises(ConfigError, match=r"lambdas: unknown group or block \['attention'\]"):
+        validate_config({"method": "lors", "experts": [{"name": "a", "path": "x"}],
+                         "parameters": {"lambdas": {"attention": 0.2}}})
+    with pytest.raises(ConfigError, match="not used"):  # the mean reads no lambda
+        from lors.merging.config import resolve
+        resolve(validate_config({"method": "average", "experts": [{"name": "a", "path": "x"}],
+                                 "parameters": {"lambdas": {"encoder": 0.2}}}))
+
+
+def test_search_with_block_lambdas_equals_the_engine(tiny_models, tmp_path):
+    from conftest import load_state
+    from lors.experiment.taskvectors import TaskVectors
+    from lors.merging import merge, validate_config
+    experts = {n: str(p) for n, p in tiny_models["experts"].items()}
+    vectors = TaskVectors(str(tiny_models["base"]), experts)
+    lambdas = {"encoder.upper": 0.9, "cross_attention.lower": 0.05, "decoder": 0.3}
+    state = vectors.state(vectors.delta("lors", {"rank": 2}), 0.4, lambdas)
+    config = validate_config({"base": str(tiny_models["base"]), "method": "lors",
+                              "parameters": {"rank": 2, "lambda": 0.4, "lambdas": lambdas},
+                              "experts": [{"name": n, "path": p} for n, p in experts.items()]})
+    merge(config, tmp_path / "m", diagnostics=False)
+    reference = load_state(tmp_path / "m")
+    for name, tensor in state.items():
+        torch.testing.assert_close(tensor, reference[name], rtol=1e-5, atol=1e-6, msg=name)

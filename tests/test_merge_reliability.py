@@ -176,3 +176,11 @@ def test_experiment_cache_key_follows_the_base_content(tmp_path):
     tensors["model.encoder.layers.0.fc1.weight"] += 0.01
     save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
     assert Experiment(load_experiment(path), show_progress=False).data_key != before
+
+
+def test_methods_lists_every_method_with_its_defaults(capsys):
+    from lors.merging.methods import METHODS
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"\n{name} " in f"\n{out}" for name in METHODS)
+    assert "lors            LoRS-Merging" in out and "'rank': 7" in out

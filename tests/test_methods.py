@@ -6,7 +6,6 @@ from peft.utils import merge_utils as peft
 
 from lors.merging import primitives as P
 from lors.merging.config import resolve, validate_config
-from lors.merging.core import lambda_for
 from lors.merging.methods import METHODS, OPS, OpContext
 
 
@@ -19,7 +18,7 @@ def context(params: dict, weights=(1.0, 1.0, 1.0), name="model.encoder.layers.0.
 
 def run_op(op: str, taus, ctx: OpContext) -> torch.Tensor:
     """The op's delta as the core scales it: lambda * combination (or the combination)."""
-    return OPS[op].combine(taus, ctx) * lambda_for(op, ctx.params)
+    return OPS[op].combine(taus, ctx) * (ctx.params["lambda"] if OPS[op].lambda_scaled else 1)
 
 
 @pytest.fixture

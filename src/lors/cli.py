@@ -72,6 +72,8 @@ def _merge_config(args: argparse.Namespace):
             raw[key] = getattr(args, key)
     if args.allow_other_base:
         raw["allow_other_base"] = True
+    if args.calibrate is not None:
+        raw["calibrate"] = args.calibrate
     if "method" not in raw:
         raise LorsError("no merge method given: pass --method (see `lors methods`) or a CONFIG.yaml")
     return validate_config(raw, source=args.config or "command line")
@@ -113,11 +115,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     from .merging.groups import GROUPS
-    from .merging.methods import METHODS
+    from .merging.methods import METHODS, OPS, method_defaults
     for name, spec in METHODS.items():
-        print(f"{name:<16}{spec.summary}\n{'':<16}defaults {spec.defaults}, lambda "
-              f"{spec.default_lambda}; 2-D attn/FFN -> {spec.matrix_op}, other -> {spec.other_op}")
-    print("\ngroups: " + ", ".join(GROUPS))
+        lam = OPS[spec.matrix_op].lambda_default(method_defaults(spec))
+        print(f"{name:<16}{spec.summary}\n{'':<16}defaults {method_defaults(spec)}, lambda "
+              f"{lam}; 2-D attn/FFN -> {spec.matrix_op}, other -> {spec.other_op}")
+    print("\nops: " + ", ".join(f"{op} ({', '.join(sorted(o.parameters)) or 'no parameters'})"
+                                for op, o in OPS.items()))
+    print("groups: " + ", ".join(GROUPS))
     return 0
 
 
@@ -148,12 +153,24 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate, format_table
-    report = evaluate(args.model, Path(args.manifest), languages=args.languages,
-                      tasks=args.tasks, out=Path(args.out) if args.out else None,
-                      batch_size=args.batch_size, num_beams=args.beams,
-                      max_new_tokens=args.max_new_tokens, window_seconds=args.window,
-                      split=args.split, show_progress=not args.quiet, force=args.force)
-    print(format_table(report))
+    from .evaluation.evaluate import compare, format_comparison
+    models = args.model or ["base"]
+    options = dict(languages=args.languages, tasks=args.tasks, batch_size=args.batch_size,
+                   num_beams=args.beams, max_new_tokens=args.max_new_tokens,
+                   window_seconds=args.window, split=args.split,
+                   show_progress=not args.quiet)
+    out = Path(args.out) if args.out else None
+    if len(models) == 1:
+        print(format_table(evaluate(models[0], Path(args.manifest), out=out, force=args.force,
+                                    **options)))
+    else:
+        result = compare(models, Path(args.manifest), out=out, force=args.force,
+                         replicates=args.replicates, seed=args.seed, **options)
+        for report in result["models"]:
+            print(f"model: {report['model']}")
+            print(format_table(report))
+            print()
+        print(format_comparison(result["comparison"]))
     if args.out:
         print(f"results (every hypothesis included): {args.out}")
     return 0
@@ -177,7 +194,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = train(config)
     print(f"trained {', '.join('-'.join(p) for p in pairs)} ({config.mode}"
           f"{', sequential' if config.sequential else ''}): {summary['samples']} samples, "
-          f"{summary['samples'] / max(summary['train_seconds'], 1e-9):.2f} samples/s")
+          f"{summary['samples'] / max(summary['train_seconds'], 1e-9):.2f} samples/s"
+          f"{', stopped early on a dev plateau' if summary.get('stopped_early') else ''}")
     print(f"model: {config.out}")
     return 0
 
@@ -232,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--svd", choices=["randomized", "exact"], help="SVD algorithm for rank-r parts")
     m.add_argument("--dare-combine", dest="dare_combine", choices=["linear", "ties"])
     m.add_argument("--group", action="append", metavar="GROUP=OP", help="per-group op override")
+    m.add_argument("--calibrate", metavar="svc",  # checked with the config: one error line
+                   help="post-step on the merged 2-D attention/FFN matrices: svc = singular "
+                        "value calibration (strength: svc_alpha in a CONFIG.yaml, default 1/T)")
     m.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
     m.add_argument("--shard-size-mb", dest="shard_size_mb", type=float)
     m.add_argument("--out", help="output directory (must not exist unless --force)")
@@ -267,11 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = commands.add_parser("eval", help="decode a manifest with forced language/task tokens "
                                           "and score WER/CER (asr) or BLEU/chrF (st)")
-    e.add_argument("model", nargs="?", default="base",
+    e.add_argument("model", nargs="*",
                    help="local Hugging Face Whisper folder (config.json, model.safetensors or "
                         "a weights-only pytorch_model.bin, tokenizer and preprocessor files) "
                         "or 'base' (default: the embedded base); hub ids are not downloaded: "
-                        "fetch the model first and pass its folder")
+                        "fetch the model first and pass its folder. Several models are "
+                        "compared with the first: per pair WER/BLEU with 90 percent bootstrap "
+                        "intervals and the paired difference to the first model")
     e.add_argument("--manifest", required=True, help="manifest.jsonl (e.g. from lors synth)")
     e.add_argument("--languages", help="comma-separated ISO 639-1 codes (default: all present)")
     e.add_argument("--tasks", default="asr", help="asr, st or asr,st")
@@ -287,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--window", type=float,
                    help="encoder window in seconds for clips that fit it; longer clips get a "
                         "wider one, over 30 s long-form decoding (default: per clip)")
+    e.add_argument("--replicates", type=int, default=1000,
+                   help="bootstrap replicates when comparing several models (default 1000)")
+    e.add_argument("--seed", type=int, default=0,
+                   help="seed of the bootstrap when comparing several models (default 0)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
 
@@ -310,6 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="peak learning rate (default 1e-5; 5e-4 for lora)")
     tr.add_argument("--seed", type=int)
     tr.add_argument("--eval-every", dest="eval_every", type=int, help="steps between dev evaluations")
+    tr.add_argument("--eval-times", dest="eval_times", type=int,
+                    help="this many dev evaluations spread evenly over the run (wins over "
+                         "--eval-every), so runs of any length get the same number of checks")
+    tr.add_argument("--patience", type=int,
+                    help="stop once the dev score has not improved for N dev evaluations in a "
+                         "row (--epochs/--max-steps stay the cap; each sequential stage counts "
+                         "anew); default: off")
     tr.add_argument("--save-every", dest="save_every", type=int, help="steps between checkpoints")
     tr.add_argument("--select", choices=["token-accuracy", "wer-bleu"],
                     help="dev criterion for the best checkpoint (default token-accuracy)")

@@ -181,3 +181,112 @@ def format_table(results: dict[str, Any] | Sequence[dict[str, Any]]) -> str:
                  for i, (cell, w) in enumerate(zip(line, widths))]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
+
+
+def _unique_names(names: Sequence[str]) -> list[str]:
+    """``names`` with repeats numbered: ``["a", "a"]`` -> ``["a", "a (2)"]``."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
+    return out
+
+
+def compare(models: Sequence[str | Path | None], manifest: str | Path | Sequence[Utterance], *,
+            out: str | Path | None = None, force: bool = False, replicates: int = 1000,
+            confidence: float = 0.90, seed: int = 0, **options: Any) -> dict[str, Any]:
+    """Evaluate several models on the same manifest and compare each with the first.
+
+    Every model is decoded and scored by :func:`evaluate` (``options`` are its keyword
+    arguments, ``out`` and ``force`` excepted); then
+    :func:`lors.experiment.intervals.compare_models` gives, per (language, task), each
+    model's WER/BLEU with a ``confidence`` percentile bootstrap interval and the paired
+    difference to the first model (utterances resampled jointly across models, ``replicates``
+    times, seeded by ``seed``). Models are named by their ``model`` string (repeats numbered).
+
+    Returns ``{"models": [evaluate report, ...], "comparison": {...}}``. With ``out`` it is
+    written there as JSON, atomically; ``out`` (refused if it exists unless ``force``), the
+    bootstrap settings and every model reference are checked before anything is decoded.
+    """
+    from ..experiment.intervals import compare_models
+
+    if len(models) < 2:
+        raise LorsError("a comparison needs at least two models; pass the reference first")
+    if replicates < 1:
+        raise LorsError(f"--replicates must be at least 1, not {replicates}")
+    if not 0 < confidence < 1:
+        raise LorsError(f"confidence must be between 0 and 1, not {confidence}")
+    if out is not None:
+        out = Path(out)
+        _check_out(out, force)
+    for model in models:
+        resolve_model_reference(None if model is None else str(model))
+    reports = [evaluate(model, manifest, **options) for model in models]
+    records: dict[str, dict[tuple[str, str], list[dict]]] = {}
+    for name, report in zip(_unique_names([r["model"] for r in reports]), reports):
+        by_pair: dict[tuple[str, str], list[dict]] = {}
+        for record in report["utterances"]:
+            by_pair.setdefault((record["language"], record["task"]), []).append(record)
+        records[name] = by_pair
+    try:
+        comparison = compare_models(records, replicates=replicates, confidence=confidence,
+                                    seed=seed)
+    except ValueError as exc:
+        raise LorsError(f"cannot compare the models: {exc}") from exc
+    result = {"models": reports, "comparison": comparison}
+    if out is not None:
+        _write_report(result, out)
+    return result
+
+
+def _score_text(value: float | None, metric: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 100:.1f}" if metric == "wer" else f"{value:.1f}"
+
+
+def _interval_text(interval, metric: str) -> str:
+    if not interval or interval[0] is None:
+        return "-"
+    return f"[{_score_text(interval[0], metric)}, {_score_text(interval[1], metric)}]"
+
+
+def format_comparison(comparison: dict[str, Any]) -> str:
+    """A plain-text table of a :func:`compare` ``comparison``: one row per pair and model.
+
+    Columns: language, task, n, model, metric (``WER %`` or ``BLEU``), the score and its
+    interval, the difference to the reference (model - reference, WER in percentage
+    points) with its interval, the bootstrap p-value and ``yes``/``no`` for significant
+    (the interval of the difference excludes 0); ``-`` on the reference's own rows. A
+    header line names the reference, the replicates and the confidence level.
+    """
+    level = f"{100 * comparison['confidence']:g} %"
+    header = ["language", "task", "n", "model", "metric", "score", f"{level} CI",
+              "diff vs ref", f"diff {level} CI", "p", "significant"]
+    table = [header]
+    for pair in comparison["pairs"]:
+        metric = pair["metric"]
+        for row in pair["models"]:
+            reference = row["difference"] is None
+            table.append([pair["language"], pair["task"], str(pair["n"]), row["model"],
+                          "WER %" if metric == "wer" else "BLEU",
+                          _score_text(row["score"], metric),
+                          _interval_text(row["interval"], metric),
+                          "-" if reference else f"{'+' if row['difference'] >= 0 else ''}"
+                                                f"{_score_text(row['difference'], metric)}",
+                          "-" if reference else _interval_text(row["difference_interval"],
+                                                               metric),
+                          "-" if reference or row["p_value"] is None
+                          else f"{row['p_value']:.3f}",
+                          "-" if reference else ("yes" if row["significant"] else "no")])
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    lines = [f"reference: {comparison['reference']}; {comparison['replicates']} bootstrap "
+             f"replicates of the utterances, resampled jointly across models (seed "
+             f"{comparison['seed']}); diff = model - reference (WER: lower is better, BLEU: "
+             f"higher is better); significant = the {level} interval of the diff excludes 0"]
+    for line in table:
+        cells = [cell.ljust(w) if i in (0, 1, 3, 4) else cell.rjust(w)
+                 for i, (cell, w) in enumerate(zip(line, widths))]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)

@@ -50,6 +50,12 @@ class TrainingSpec(_Strict):
     seed: int = 0
     select: Literal["token-accuracy", "wer-bleu"] = "token-accuracy"
     eval_every: int | None = Field(default=None, ge=1)
+    # dev evaluations per model (and per sequential stage), spread evenly over its run: the
+    # same number of checks for every model whatever its length (wins over eval_every)
+    eval_times: int | None = Field(default=None, ge=1)
+    # stop a model (or stage) once its dev score has not improved for this many evaluations
+    # in a row; epochs / max_steps stay the cap. None: train to the cap
+    patience: int | None = Field(default=None, ge=1)
     save_every: int | None = Field(default=None, ge=1)  # resumable checkpoints (default: each eval)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
 
@@ -67,6 +73,9 @@ class SearchSpec(_Strict):
     metric: Literal["token-accuracy", "wer-bleu"] = "token-accuracy"
     equal_budget: bool = True
     widen_edges: int = Field(default=2, ge=0)
+    # then this many random points with a lambda per block (encoder, decoder, cross-attention;
+    # lower and upper layers) around each method's best point; 0: one lambda for everything
+    block_lambdas: int = Field(default=0, ge=0)
 
 
 class EvaluationSpec(_Strict):
@@ -89,7 +98,7 @@ class ExperimentConfig(_Strict):
     languages: list[str]
     tasks: list[Literal["asr", "st"]] = ["asr", "st"]
     settings: list[Setting] = ["all"]
-    baselines: list[Literal["mtl", "sequential"]] = ["mtl", "sequential"]
+    baselines: list[Literal["mtl", "mtl_plateau", "sequential"]] = ["mtl", "sequential"]
     methods: dict[str, dict[str, Any]]
     data: DataSpec = DataSpec()
     training: TrainingSpec = TrainingSpec()
@@ -125,6 +134,9 @@ class ExperimentConfig(_Strict):
             raise ValueError("extensibility.language must be one of languages")
         if self.extensibility and len(self.languages) < 2:
             raise ValueError("extensibility needs at least two languages")
+        if "mtl_plateau" in self.baselines and self.training.patience is None:
+            raise ValueError("baseline mtl_plateau trains MTL to its own dev plateau: set "
+                             "training.patience (dev evaluations without improvement)")
         if self.search.equal_budget:
             self._check_equal_budget()
         return self

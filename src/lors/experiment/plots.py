@@ -152,3 +152,29 @@ def plot_cosine_heatmap(labels: list[str], matrix: list[list[float]], path: Path
     axes.set_title(title, fontsize=10)
     figure.colorbar(image, ax=axes, shrink=0.8).ax.tick_params(labelsize=7)
     return _save(figure, path)
+
+
+def dev_curves(curves: dict[str, list], path: Path, title: str = "Dev score during training",
+               ylabel: str = "dev score %", dashed: set[str] | None = None) -> Path:
+    """Each model's dev curve: score (a fraction, drawn in percent) against optimizer step.
+
+    ``curves`` maps a label to ``[[step, score], ...]``; points without a score are skipped,
+    and so are labels left with none. Labels in ``dashed`` are drawn dashed (e.g. a
+    sequential model's score on every pair seen so far). Raises ValueError when nothing is left.
+    """
+    lines = {label: [(step, 100.0 * float(score)) for step, score in points if score is not None]
+             for label, points in curves.items()}
+    lines = {label: points for label, points in lines.items() if points}
+    if not lines:
+        raise ValueError("no dev scores to plot")
+    figure = _figure()
+    axes = figure.add_subplot()
+    for index, (label, points) in enumerate(lines.items()):
+        axes.plot([s for s, _ in points], [v for _, v in points], marker="o", markersize=3,
+                  linewidth=1, label=label, color=f"C{index % 10}",
+                  linestyle="--" if label in (dashed or set()) else "-")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize=10)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _save(figure, path)

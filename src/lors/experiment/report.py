@@ -13,9 +13,10 @@ from ..fsutil import atomic_file
 from . import plots
 from .report_document import (Block, Bullets, Heading, Image, Paragraph, render_html,
                               render_markdown, render_plain)
-from .report_sections import (best_sweep_line, chosen_params, cost_table, extensibility_table,
-                              score_table, size_table, summary_setting, sweeps_by_method,
-                              swept_params)
+from .report_sections import (best_sweep_line, bootstrap_note, chosen_params, cost_table,
+                              excluded_note, extensibility_table, paired_table, score_table,
+                              significance_lines, size_table, summary_setting,
+                              sweeps_by_method, swept_params)
 
 
 class _PlotFolder:
@@ -67,6 +68,16 @@ def _setting_section(setting: dict) -> list[Block]:
     if any(model.get("kind") == "expert" for model in setting["models"]):
         legend += " The expert row shows each pair's own expert (one model per pair)."
     blocks.append(Paragraph(legend))
+    blocks += [Paragraph(note) for note in (bootstrap_note(setting), excluded_note(setting))
+               if note]
+    paired = paired_table(setting)
+    if paired is not None:
+        blocks += [Heading(3, "Paired tests"),
+                   Paragraph("Difference in normalised % (model - reference) over the same "
+                             "bootstrap resamples; significant = its interval excludes 0; "
+                             "p = two-sided bootstrap p-value."),
+                   paired, Paragraph("Significant: " + "; ".join(significance_lines(setting))
+                                     + ".")]
     if chosen_params(setting):
         blocks += [Paragraph("Hyper-parameters chosen on dev:"), Bullets(chosen_params(setting))]
     costs = cost_table(setting)
@@ -114,6 +125,96 @@ def _extensibility_section(experiment: dict) -> list[Block]:
     return blocks
 
 
+def _undertrained_experts(entries: list[dict]) -> list[str]:
+    """One line per pair whose own expert has a lower best dev score than an MTL model's dev
+    score on that pair at the MTL model's best step (the same dev clips and dev score)."""
+    experts = {}
+    for entry in entries:
+        if entry.get("kind") == "expert" and len(entry.get("pairs") or []) == 1:
+            pair = "-".join(entry["pairs"][0])
+            score = (entry.get("best_dev_pairs") or {}).get(pair, entry.get("best_dev_score"))
+            experts[pair] = (score, entry.get("select"))
+    lines = []
+    for entry in entries:
+        if entry.get("kind") not in ("mtl", "mtl_plateau"):
+            continue
+        for pair, score in (entry.get("best_dev_pairs") or {}).items():
+            own, select = experts.get(pair, (None, None))
+            if own is not None and score is not None and select == entry.get("select") \
+                    and score > own:
+                where = f" ({entry['setting']})" if entry.get("setting") else ""
+                lines.append(f"{pair}: its expert reaches {100 * own:.1f} % dev {select}, "
+                             f"{entry.get('name', 'the MTL model')}{where} {100 * score:.1f} %")
+    return lines
+
+
+def _training_section(experiment: dict, folder: _PlotFolder) -> list[Block]:
+    """Optimizer steps, samples and dev checks of every trained model, their dev curves, and
+    the under-trained experts (a pair whose own expert an MTL model beats on dev).
+
+    Reads ``experiment["training"]``, one entry per trained model: what
+    ``stages.trained_model`` returns (``steps``, ``samples``, ``stopped_early``,
+    ``dev_curve``, ``select``, ``best_step``, ``best_dev_score``, ``best_dev_pairs``,
+    ``train_s``; ``dev_seen_curve`` for a sequential model) plus ``name``, ``kind``
+    (``expert``, ``mtl``, ``mtl_plateau``, ``sequential``), ``setting`` (None for an expert)
+    and ``pairs``. Left out when absent.
+    """
+    from .report_document import Table
+    from .report_sections import fmt
+
+    entries = experiment.get("training") or []
+    if not entries:
+        return []
+    rows = []
+    for entry in entries:
+        curve = entry.get("dev_curve") or []
+        best = entry.get("best_dev_score")
+        rows.append([entry.get("name", "?"), entry.get("setting") or "-",
+                     "-" if entry.get("steps") is None else str(entry["steps"]),
+                     "-" if entry.get("samples") is None else str(entry["samples"]),
+                     str(len(curve)), "-" if entry.get("best_step") is None
+                     else str(entry["best_step"]), fmt(None if best is None else 100 * best),
+                     "yes" if entry.get("stopped_early") else "no", fmt(entry.get("train_s"))])
+    select = next((e["select"] for e in entries if e.get("select")), "score")
+    blocks: list[Block] = [
+        Heading(2, "Training"),
+        Paragraph("Optimizer steps and samples each model was trained on, its dev checks, the "
+                  f"step and dev {select} of the checkpoint kept, and whether it stopped on a "
+                  "dev plateau before its cap. A sequential model's dev checks are its "
+                  "stages', each judged on its own pair."),
+        Table(["model", "setting", "steps", "samples", "dev checks", "best step",
+               f"best dev {select} %", "stopped early", "train s"], rows, left_columns=2)]
+    flags = _undertrained_experts(entries)
+    blocks.append(Heading(3, "Under-trained experts"))
+    blocks.append(Bullets(flags) if flags else Paragraph(
+        "No expert is beaten on its own pair's dev set by an MTL model."))
+    if flags:
+        blocks.append(Paragraph("An MTL model scoring higher on a pair's dev set than that "
+                                "pair's own expert suggests the expert stopped short of what "
+                                "its data allows; normalised scores against it flatter the "
+                                "other models."))
+    groups = {"experts": [e for e in entries if e.get("kind") == "expert"]}
+    for entry in entries:
+        if entry.get("kind") != "expert":
+            groups.setdefault(entry.get("setting") or "?", []).append(entry)
+    for group, members in groups.items():
+        curves, dashed = {}, set()
+        for entry in members:
+            curves[entry.get("name", "?")] = entry.get("dev_curve") or []
+            if entry.get("dev_seen_curve"):
+                label = f"{entry.get('name', '?')} (all pairs seen)"
+                curves[label] = entry["dev_seen_curve"]
+                dashed.add(label)
+        if not any(score is not None for points in curves.values() for _, score in points):
+            continue
+        title = "Experts" if group == "experts" else f"Setting {group}"
+        path = plots.dev_curves(curves, folder.path("dev-curves", group),
+                                title=f"{title}: dev {select} during training",
+                                ylabel=f"dev {select} %", dashed=dashed)
+        blocks.append(_image(path, f"Dev curves: {title}"))
+    return blocks
+
+
 def report_blocks(experiment: dict, plots_dir: Path) -> list[Block]:
     """The whole report as blocks; draws its figures into ``plots_dir`` on the way."""
     folder = _PlotFolder(Path(plots_dir))
@@ -123,6 +224,7 @@ def report_blocks(experiment: dict, plots_dir: Path) -> list[Block]:
     blocks += _overview(experiment, folder)
     for setting in experiment.get("settings") or []:
         blocks += _setting_section(setting)
+    blocks += _training_section(experiment, folder)
     blocks += _sweep_section(experiment, folder)
     blocks += _cosine_section(experiment, folder)
     blocks += _extensibility_section(experiment)
@@ -159,7 +261,18 @@ def format_summary_table(experiment: dict) -> str:
     """Plain-text table of the most complete setting (see :func:`summary_setting`).
 
     One row per model: ``model``, one column per pair (``de asr WER%``, ``de st BLEU``) and
-    ``normalised %``. Returns ``"no results"`` when the experiment has no settings.
+    ``normalised %`` (``value [lo, hi]`` and a ``geometric %`` column when the bootstrap ran).
+    Below the table, when present: how the intervals were made and the test size per pair,
+    the excluded pairs, and the significant paired differences (against lors and mtl).
+    Returns ``"no results"`` when the experiment has no settings.
     """
     setting = summary_setting(experiment)
-    return "no results" if setting is None else render_plain(score_table(setting))
+    if setting is None:
+        return "no results"
+    lines = [render_plain(score_table(setting))]
+    lines += [note for note in (bootstrap_note(setting), excluded_note(setting)) if note]
+    significant = significance_lines(setting)
+    if significant:
+        lines.append("paired tests of normalised % (significant differences): "
+                     + "; ".join(significant))
+    return "\n".join(lines)

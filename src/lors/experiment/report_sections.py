@@ -1,7 +1,9 @@
 """Tables and text of the experiment report, built from the experiment dict (no file access).
 
 Display conventions: WER in percent with 1 decimal, BLEU 1 decimal, normalised % 1 decimal,
-seconds 1 decimal, ``-`` for anything missing.
+seconds 1 decimal, ``-`` for anything missing. Normalised scores with a bootstrap interval
+read ``value [lo, hi]`` (see :mod:`.intervals`); a ``†`` marks a mean over pairs whose
+experts are all below the floor (not meaningful).
 """
 
 from __future__ import annotations
@@ -12,6 +14,20 @@ from .report_document import Table
 def fmt(value, digits: int = 1) -> str:
     """``value`` with ``digits`` decimals, or ``-`` when it is None."""
     return "-" if value is None else f"{float(value):.{digits}f}"
+
+
+def with_interval(value, interval, digits: int = 1) -> str:
+    """``"86.0 [80.1, 90.2]"``; ``"86.0"`` without an interval; ``-`` without a value."""
+    if value is None:
+        return "-"
+    if not interval or interval[0] is None or interval[1] is None:
+        return fmt(value, digits)
+    return f"{fmt(value, digits)} [{fmt(interval[0], digits)}, {fmt(interval[1], digits)}]"
+
+
+def _normalised_cell(model: dict, key: str) -> str:
+    text = with_interval(model.get(key), model.get(f"{key}_interval"))
+    return text + " †" if model.get("all_pairs_excluded") and text != "-" else text
 
 
 def pair_column(language: str, task: str) -> str:
@@ -48,15 +64,23 @@ def _best_rows(values: list[float | None], lower_is_better: bool) -> set[int]:
 
 
 def score_table(setting: dict) -> Table:
-    """One row per model: per-pair WER%/BLEU and normalised %; the best of each column bold."""
+    """One row per model: per-pair WER%/BLEU and normalised % (arithmetic mean, and the
+    geometric mean when the models have one), each ``value [lo, hi]`` when a bootstrap
+    interval is stored; the best of each column bold (by value)."""
     pairs = setting_pairs(setting)
     models = setting.get("models", [])
-    header = ["model"] + [pair_column(lang, task) for lang, task in pairs] + ["normalised %"]
+    keys = ["normalised"]
+    if any(model.get("normalised_geometric") is not None for model in models):
+        keys.append("normalised_geometric")
+    header = (["model"] + [pair_column(lang, task) for lang, task in pairs] + ["normalised %"]
+              + (["geometric %"] if len(keys) > 1 else []))
     columns = [[pair_score(model, lang, task) for model in models] for lang, task in pairs]
-    columns.append([model.get("normalised") for model in models])
-    lower = [task == "asr" for _, task in pairs] + [False]
-    rows = [[model["name"]] + [fmt(column[r]) for column in columns]
-            for r, model in enumerate(models)]
+    texts = [[fmt(value) for value in column] for column in columns]
+    for key in keys:
+        columns.append([model.get(key) for model in models])
+        texts.append([_normalised_cell(model, key) for model in models])
+    lower = [task == "asr" for _, task in pairs] + [False] * len(keys)
+    rows = [[model["name"]] + [text[r] for text in texts] for r, model in enumerate(models)]
     bold = {(r, c + 1) for c, column in enumerate(columns)
             for r in _best_rows(column, lower[c])}
     return Table(header, rows, bold)
@@ -75,6 +99,98 @@ def summary_setting(experiment: dict) -> dict | None:
     if not settings:
         return None
     return max(settings, key=score_count)  # max keeps the first of equal keys
+
+
+def _bootstrap_settings(setting: dict) -> dict | None:
+    """The first model's stored bootstrap facts (they are the same for every model)."""
+    for model in setting.get("models", []):
+        if model.get("bootstrap"):
+            return model
+    return None
+
+
+def _level(model: dict) -> str:
+    return f"{100 * model['bootstrap'].get('confidence', 0.9):g} %"
+
+
+def bootstrap_note(setting: dict) -> str | None:
+    """How the intervals were made and the test-set size per pair; None without intervals."""
+    model = _bootstrap_settings(setting)
+    if model is None:
+        return None
+    boot = model["bootstrap"]
+    sizes = ", ".join(f"{pair} {n}" for pair, n in (model.get("test_per_pair") or {}).items())
+    return (f"[lo, hi] = {_level(model)} percentile bootstrap interval over the test "
+            f"utterances: {boot.get('replicates')} replicates (seed {boot.get('seed')}), the "
+            "same resampled utterances for every model and expert of a pair. Test utterances "
+            f"per pair: {sizes or '-'}. Geometric % = 100 x the geometric mean of the pair "
+            "ratios.")
+
+
+def excluded_note(setting: dict) -> str | None:
+    """Which pairs are left out of the normalised means and why; None when none is."""
+    model = _bootstrap_settings(setting)
+    if model is None or not model.get("excluded_pairs"):
+        return None
+    listed = "; ".join(f"{e['language']}-{e['task']} ({e['reason']})"
+                       for e in model["excluded_pairs"])
+    if model.get("all_pairs_excluded"):
+        return (f"Every pair's expert is below the floor ({listed}), so the normalised "
+                "scores (†) are means over all pairs and are not meaningful.")
+    return f"Excluded from the normalised means because their expert is below the floor: {listed}."
+
+
+def _paired_entries(setting: dict) -> list[tuple[dict, str, dict]]:
+    """(model, reference name, test) of every stored paired test; each unordered couple once."""
+    seen, entries = set(), []
+    for model in setting.get("models", []):
+        for reference, test in (model.get("paired") or {}).items():
+            couple = frozenset((model["name"], reference))
+            if couple not in seen:
+                seen.add(couple)
+                entries.append((model, reference, test))
+    return entries
+
+
+def _signed(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{float(value):+.{digits}f}"
+
+
+def paired_table(setting: dict) -> Table | None:
+    """Paired bootstrap tests of normalised % against lors and mtl; None when none is stored.
+
+    One row per (model, reference): the difference model - reference in points with its
+    interval, the two-sided bootstrap p-value and whether the interval excludes 0."""
+    entries = _paired_entries(setting)
+    if not entries:
+        return None
+    level = _level(entries[0][0])
+    rows = []
+    for model, reference, test in entries:
+        interval = test.get("interval") or [None, None]
+        cell = _signed(test.get("difference"))
+        if interval[0] is not None:
+            cell += f" [{_signed(interval[0])}, {_signed(interval[1])}]"
+        rows.append([model["name"], reference, cell,
+                     "-" if test.get("p_value") is None else f"{test['p_value']:.3f}",
+                     "yes" if test.get("significant") else "no"])
+    bold = {(r, 4) for r, row in enumerate(rows) if row[4] == "yes"}
+    return Table(["model", "vs", f"difference, points [{level}]", "p", "significant"], rows,
+                 bold, left_columns=2)
+
+
+def significance_lines(setting: dict) -> list[str]:
+    """One line per significant paired difference, or one line saying there is none."""
+    entries = _paired_entries(setting)
+    if not entries:
+        return []
+    level = _level(entries[0][0])
+    lines = [f"{model['name']} vs {reference}: {_signed(test['difference'])} points "
+             f"[{_signed(test['interval'][0])}, {_signed(test['interval'][1])}], "
+             f"p = {test['p_value']:.3f}"
+             for model, reference, test in entries if test.get("significant")]
+    return lines or [f"no difference in normalised % is significant ({level} intervals "
+                     "all contain 0)"]
 
 
 def cost_table(setting: dict) -> Table | None:
@@ -117,7 +233,9 @@ def size_table(size: dict) -> Table:
 
 def extensibility_table(extensibility: dict) -> Table:
     """Ways to add a language: normalised % after the change and seconds it cost."""
-    rows = [[row.get("name", "-"), fmt(row.get("normalised")), fmt(row.get("cost_s"))]
+    rows = [[row.get("name", "-"), with_interval(row.get("normalised"),
+                                                 row.get("normalised_interval")),
+             fmt(row.get("cost_s"))]
             for row in extensibility.get("rows", [])]
     return Table(["approach", "normalised %", "cost s"], rows)
 

@@ -71,7 +71,8 @@ class Experiment:
         values = dict(base=str(self.base), pairs=pairs, out=str(out), mode=spec.mode,
                       max_steps=spec.max_steps, epochs=spec.epochs, batch_size=spec.batch_size,
                       learning_rate=spec.learning_rate, seed=spec.seed, select=spec.select,
-                      eval_every=spec.eval_every, save_every=spec.save_every,
+                      eval_every=spec.eval_every, eval_times=spec.eval_times,
+                      patience=spec.patience, save_every=spec.save_every,
                       mixed_precision=spec.mixed_precision,
                       limit=self.config.data.train_per_pair,
                       dev_limit=self.config.data.dev_per_pair,
@@ -92,11 +93,27 @@ class Experiment:
         return trained_model(path, self.train_config([pair], path), self.utterances)
 
     def mtl(self, setting: str, pairs) -> dict:
-        path = self.model_path(f"mtl-{setting}", self.train_key)
-        steps = self.config.training.max_steps
-        # the same number of samples as all the setting's experts together
-        extra = {"max_steps": steps * len(pairs)} if steps else {}
-        return trained_model(path, self.train_config(pairs, path, **extra), self.utterances)
+        """The MTL model on equal compute: exactly as many optimizer steps (and samples) as
+        the setting's experts took together, read from their training.json (so also right
+        with epochs on pairs of unequal size, or experts stopped on a plateau); no plateau
+        stopping of its own."""
+        steps = sum(self.expert(pair)["steps"] for pair in pairs)
+        path = self.model_path(f"mtl-{setting}", digest(self.train_key, steps))
+        config = self.train_config(pairs, path, max_steps=steps, patience=None)
+        return trained_model(path, config, self.utterances)
+
+    def mtl_plateau(self, setting: str, pairs) -> dict:
+        """The MTL model trained to its own dev plateau, with the experts' patience; the cap
+        is the experts' epochs x the number of pairs (with max_steps: max_steps x pairs x
+        pairs, the same multiple of an expert's run), so the plateau, not the cap, ends it."""
+        spec = self.config.training
+        if spec.patience is None:
+            raise LorsError("baseline mtl_plateau trains to a dev plateau: set "
+                            "training.patience (dev evaluations without improvement)")
+        path = self.model_path(f"mtl_plateau-{setting}", self.train_key)
+        cap = ({"max_steps": spec.max_steps * len(pairs) ** 2} if spec.max_steps
+               else {"epochs": spec.epochs * len(pairs)})
+        return trained_model(path, self.train_config(pairs, path, **cap), self.utterances)
 
     def sequential(self, setting: str, pairs) -> dict:
         path = self.model_path(f"sequential-{setting}", self.train_key)
@@ -128,6 +145,8 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
         experts[pair] = exp.expert(pair)
         expert_eval[pair] = exp.test_results(f"expert-{pair[0]}-{pair[1]}", experts[pair]["path"], [pair])
     expert_test = {pair: expert_eval[pair]["results"][0] for pair in pairs}
+    training = [{"name": f"expert {l}-{t}", "kind": "expert", "setting": None,
+                 "pairs": [[l, t]], **experts[(l, t)]} for l, t in pairs]
     settings, sweeps, cosines = [], [], []
     for setting, title, setting_pairs in config.setting_pairs():
         say(f"setting {setting}: {', '.join('-'.join(p) for p in setting_pairs)}")
@@ -137,6 +156,8 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
             if len(setting_pairs) < 2:
                 continue
             trained = getattr(exp, baseline)(setting, setting_pairs)
+            training.append({"name": baseline, "kind": baseline, "setting": setting,
+                             "pairs": [list(p) for p in setting_pairs], **trained})
             result = exp.test_results(f"{baseline}-{setting}", trained["path"], setting_pairs)
             models.append(_row(baseline, baseline, result, setting_pairs, expert_test,
                                train_s=trained["train_s"]))
@@ -145,6 +166,8 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
         for method in config.methods:
             say(f"  search {method}")
             points = search.points(method, config.grid(method), config.search.widen_edges)
+            if config.search.block_lambdas:
+                points += search.block_lambdas(method, points, config.search.block_lambdas)
             sweeps += points
             best = best_point(points)
             merged = exp.merged(setting, method, best["params"], names)
@@ -160,6 +183,7 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
         settings.append({"name": setting, "title": title, "pairs": [list(p) for p in setting_pairs],
                          "models": models})
     experiment = {"name": config.name, "size": _size(exp), "settings": settings,
+                  "training": training,
                   "sweeps": sweeps, "cosines": cosines, "notes": _notes(exp)}
     if config.extensibility is not None:
         experiment["extensibility"] = extensibility(exp, config.extensibility.language, experts,

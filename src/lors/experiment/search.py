@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import time
+
+import numpy as np
 from pathlib import Path
 
+from ..merging.methods import METHOD_ALIASES, METHODS, OPS
 from .config import digest
 from .devscore import DevScorer, normalised_dev_score
 from .stages import cached_json
@@ -16,21 +19,27 @@ def _largest_rank_first(points: list[dict]) -> list[dict]:
     return sorted(points, key=lambda p: -(p.get("rank") or 0))
 
 
+def _scaling_free(point: dict) -> dict:
+    """``point`` without what only scales the combination (lambda, per-block lambdas)."""
+    return {k: v for k, v in point.items() if k not in ("lambda", "lambdas")}
+
+
 def search_method(folder: Path, setting: str, method: str, grid: list[dict],
                   vectors: "Lazy", scorer: "Lazy", expert_dev: dict, metric: str,
                   key: str, groups: dict[str, str] | None = None) -> list[dict]:
     """Dev score of every grid point (each cached on its own); returns the points.
 
     ``vectors``/``scorer`` are built on first use only, so a fully cached search loads no
-    weights. ``groups`` are per-group op overrides (part of ``key``, which names the cache). Each point is ``{"setting", "method", "params", "dev_score", "seconds"}``.
+    weights. ``groups`` are per-group op overrides (part of ``key``, which names the cache).
+    Points that differ only in ``lambda`` and ``lambdas`` (per-block lambdas) share one
+    combination. Each point is ``{"setting", "method", "params", "dev_score", "seconds"}``.
     """
     by_rest: dict[str, list[dict]] = {}
     for point in grid:
-        rest = {k: v for k, v in point.items() if k != "lambda"}
-        by_rest.setdefault(digest(rest), []).append(point)
+        by_rest.setdefault(digest(_scaling_free(point)), []).append(point)
     points = []
     for group in _largest_rank_first([g[0] for g in by_rest.values()]):
-        rest = {k: v for k, v in group.items() if k != "lambda"}
+        rest = _scaling_free(group)
         members = by_rest[digest(rest)]
         delta = None
         for point in members:
@@ -42,13 +51,20 @@ def search_method(folder: Path, setting: str, method: str, grid: list[dict],
                 if delta is None:
                     delta = vectors().delta(method, rest, groups)
                 # no lambda in the grid: the method's default, as `lors merge` would use
-                scorer().load(vectors().state(delta, point.get("lambda")))
+                scorer().load(vectors().state(delta, point.get("lambda"),
+                                              point.get("lambdas")))
                 results = scorer().results()
                 score = normalised_dev_score(results, expert_dev, metric)
                 return {"setting": setting, "method": method, "params": point,
                         "dev_score": score, "seconds": time.perf_counter() - started}
             points.append(cached_json(path, run))
     return points
+
+
+BLOCKS = ("encoder.lower", "encoder.upper", "decoder.lower", "decoder.upper",
+          "cross_attention.lower", "cross_attention.upper")
+"""The blocks a per-block lambda search varies: each half of the encoder's and decoder's
+layers, and of the cross-attention (its own lambda inside the decoder's)."""
 
 
 class SettingSearch:
@@ -92,6 +108,24 @@ class SettingSearch:
             added = self._score(method, [{**best_point(points)["params"], "lambda": beyond}])
             points += [{**point, "widened": True} for point in added]
         return points
+
+    def block_lambdas(self, method: str, points: list[dict], count: int,
+                      seed: int = 0) -> list[dict]:
+        """``count`` random points around the best one, each with a lambda per block
+        (:data:`BLOCKS`) drawn log-uniformly within a factor 2 of the best lambda; marked
+        ``"blocks": True``. The same count for every method keeps budgets equal."""
+        name = METHOD_ALIASES.get(method, (method,))[0]
+        if not any(OPS[op].lambda_scaled for op in (METHODS[name].matrix_op,
+                                                    METHODS[name].other_op)):
+            return []  # nothing of this method is scaled by lambda
+        best = best_point(points)["params"]
+        lam = best.get("lambda")
+        if lam is None:
+            lam = self.vectors().delta(method, _scaling_free(best), self.groups).lambda_default
+        rng = np.random.default_rng([seed, int(digest(self.name, method), 16) % 2**32])
+        grid = [{**best, "lambdas": {block: round(float(lam * 2.0 ** rng.uniform(-1, 1)), 6)
+                                     for block in BLOCKS}} for _ in range(count)]
+        return [{**point, "blocks": True} for point in self._score(method, grid)]
 
     def _score(self, method: str, grid: list[dict]) -> list[dict]:
         return search_method(self.exp.out / "search", self.name, method, grid, self.vectors,

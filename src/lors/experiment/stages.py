@@ -55,8 +55,23 @@ def cached_model(path: Path, build: Callable[[], None], cost_key: str,
 
 def trained_model(path: Path, config: TrainConfig, utterances: list) -> dict:
     """Train ``config`` into ``path`` unless done; ``{"path", "train_s", "device"}`` (data
-    preparation, training, dev checks and saving)."""
-    return cached_model(path, lambda: train(config, utterances=utterances), "train_s")
+    preparation, training, dev checks and saving) plus, from the model's training.json,
+    ``steps`` (optimizer steps taken), ``samples``, ``stopped_early`` (on a dev plateau),
+    ``dev_curve`` ([step, dev score] per dev evaluation; a sequential model's stages one
+    after another, each on its own pair, and ``dev_seen_curve`` on every pair seen so far),
+    ``select`` (the dev score's name), ``best_step``, ``best_dev_score`` and
+    ``best_dev_pairs`` (per pair at the best step; None for a sequential model)."""
+    info = cached_model(path, lambda: train(config, utterances=utterances), "train_s")
+    summary = json.loads((Path(path) / "training.json").read_text(encoding="utf-8"))
+    single = not summary.get("sequential")
+    facts = {"steps": summary.get("steps"), "samples": summary.get("samples"),
+             "stopped_early": summary.get("stopped_early", False),
+             "dev_curve": summary.get("dev_curve", []), "select": summary.get("select"),
+             **{key: summary.get(key) if single else None
+                for key in ("best_step", "best_dev_score", "best_dev_pairs")}}
+    if not single:
+        facts["dev_seen_curve"] = summary.get("dev_seen_curve", [])
+    return {**info, **facts}
 
 
 def evaluated(path: Path, model: str | Path, utterances: list, pairs: list[tuple[str, str]],

@@ -1,4 +1,4 @@
-"""The per-tensor merge core: plan -> task vectors -> op -> lambda -> merged delta.
+"""The per-tensor merge core: plan -> task vectors -> op -> lambda -> (calibration) -> delta.
 
 ``lors merge`` (the streaming engine), the experiment's dev search (``TaskVectors``) and the
 extensibility step all merge through these functions, so a search can never score a merge
@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 from ..errors import CheckpointError, ConfigError, LorsWarning, MergeError
+from . import primitives as P
 from .global_topk import GlobalThreshold
-from .groups import GROUPS, group_of
+from .groups import GROUPS, MATRIX_GROUPS, group_of
 from .methods import OPS, OpContext
 
+_LAYER = re.compile(r"^model\.(encoder|decoder)\.layers\.(\d+)\.")
 COPY = "copy"  # the op of tensors that are not merged (integer buffers): the base's, as stored
 
 
@@ -30,6 +33,37 @@ class PlanEntry:
     name: str
     group: str
     op: str  # an OPS key, or COPY
+    block: tuple[str, str] | None = None  # ("encoder" | "decoder", "lower" | "upper") of a layer
+
+
+def blocks_of(names) -> dict[str, tuple[str, str]]:
+    """(side, half) of every tensor inside an encoder or decoder layer: layers below half of
+    that side's layer count are "lower", the rest "upper" (layer 2 of 4 is upper)."""
+    layers = {name: (m.group(1), int(m.group(2))) for name in names
+              if (m := _LAYER.match(name))}
+    counts: dict[str, int] = {}
+    for side, index in layers.values():
+        counts[side] = max(counts.get(side, 0), index + 1)
+    return {name: (side, "lower" if index < counts[side] / 2 else "upper")
+            for name, (side, index) in layers.items()}
+
+
+def lambda_for(entry: PlanEntry, params: dict) -> float:
+    """The scale the core applies to ``entry``'s combination: 1 for ops lambda does not
+    scale; else the most specific of ``params["lambdas"]`` (``GROUP.HALF``, ``GROUP``,
+    ``SIDE.HALF``, ``SIDE``; see :func:`lors.merging.config.lambda_selectors`) that matches
+    the tensor, else ``params["lambda"]``."""
+    if not OPS[entry.op].lambda_scaled:
+        return 1.0
+    lambdas = params.get("lambdas") or {}
+    keys = [entry.group]
+    if entry.block is not None:
+        side, half = entry.block
+        keys = [f"{entry.group}.{half}", entry.group, f"{side}.{half}", side]
+    for key in keys:
+        if key in lambdas:
+            return float(lambdas[key])
+    return float(params["lambda"])
 
 
 def plan_entries(meta: Mapping, group_ops: dict[str, str], params: dict
@@ -41,6 +75,7 @@ def plan_entries(meta: Mapping, group_ops: dict[str, str], params: dict
     unpruned (the rank-r part of a matrix with min(m, n) <= r is the whole matrix).
     """
     entries = []
+    blocks = blocks_of(meta)
     counts = {g: {"op": group_ops[g], "tensors": 0, "parameters": 0} for g in GROUPS}
     for name, info in meta.items():
         group = group_of(name)
@@ -48,7 +83,7 @@ def plan_entries(meta: Mapping, group_ops: dict[str, str], params: dict
         if op != COPY and OPS[op].matrix_only and len(info.shape) != 2:
             raise ConfigError(f"op {op!r} works on 2-D matrices, but group {group!r} has tensor "
                               f"{name} of shape {list(info.shape)}; choose another op for it")
-        entries.append(PlanEntry(name, group, op))
+        entries.append(PlanEntry(name, group, op, blocks.get(name)))
         counts[group]["tensors"] += 1
         counts[group]["parameters"] += torch.Size(info.shape).numel()
     _warn_full_rank(entries, meta, params)
@@ -92,31 +127,64 @@ def expert_generator(seed: int, expert: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-def lambda_for(op: str, params: dict) -> float:
-    """The scale the core applies to ``op``'s combination: lambda, or 1 for unscaled ops."""
-    return float(params["lambda"]) if OPS[op].lambda_scaled else 1.0
+class Combination(NamedTuple):
+    """An op's merge of one tensor before lambda: the delta is scale * scaled + fixed.
+
+    ``fixed`` is the part lambda never scales (CART's weight average); None for most ops.
+    Neither is ever one of the inputs, so :meth:`delta` may work in place.
+    """
+
+    scaled: Tensor
+    fixed: Tensor | None = None
+
+    def delta(self, scale: float, inplace: bool = False) -> Tensor:
+        """scale * scaled + fixed; ``inplace`` reuses ``scaled`` (the engine, used once)."""
+        value = self.scaled.mul_(scale) if inplace else self.scaled * scale
+        return value if self.fixed is None else value.add_(self.fixed)
 
 
 def combine(entry: PlanEntry, taus: Sequence[Tensor], weights: Sequence[float], params: dict, *,
             thresholds: Sequence[float] | None = None, map: Callable = map,
-            svd_cache: dict | None = None) -> tuple[Tensor, dict]:
-    """``entry.op``'s combination of ``taus`` before lambda, and what the op recorded.
-
-    Never returns one of the inputs, so the caller may scale it in place.
-    """
+            svd_cache: dict | None = None) -> tuple[Combination, dict]:
+    """``entry.op``'s combination of ``taus`` before lambda, and what the op recorded."""
     spec = OPS[entry.op]
     ctx = OpContext(entry.name, list(weights), params,
                     lambda i: expert_generator(params["seed"], i, entry.name),
                     thresholds if spec.global_scope else None, map=map, svd_cache=svd_cache)
-    return spec.combine(taus, ctx), ctx.stats
+    combined = spec.combine(taus, ctx)
+    return (Combination(*combined) if spec.split else Combination(combined)), ctx.stats
+
+
+def calibrates(entry: PlanEntry, params: dict, shape: Sequence[int]) -> bool:
+    """Whether the merged delta of ``entry`` is calibrated: ``calibrate`` is set and the
+    tensor is a 2-D attention/FFN matrix (biases, norms and embeddings never are)."""
+    return (params.get("calibrate") is not None and entry.op != COPY
+            and entry.group in MATRIX_GROUPS and len(shape) == 2)
+
+
+def finish(entry: PlanEntry, combination: Combination, scale: float, taus: Sequence[Tensor],
+           weights: Sequence[float], params: dict, inplace: bool = False) -> Tensor:
+    """The delta added to the base tensor: scale * scaled + fixed, then the calibration
+    post-step on a calibrated matrix (:func:`calibrates`): SVC against the experts' weighted
+    task vectors w_i tau_i with alpha = ``svc_alpha``, on the final, lambda-scaled delta. The
+    engine and the search both finish here, so they agree for every lambda."""
+    delta = combination.delta(scale, inplace=inplace)
+    if calibrates(entry, params, delta.shape):
+        if params["calibrate"] != "svc":
+            raise ConfigError(f"unknown calibration {params['calibrate']!r}; choices: svc")
+        delta = P.svc_calibrate(delta, [w * t for t, w in zip(taus, weights)],
+                                params["svc_alpha"])
+    return delta
 
 
 def merged_delta(entry: PlanEntry, taus: Sequence[Tensor], weights: Sequence[float],
                  params: dict, **options) -> tuple[Tensor, dict]:
-    """The delta ``lors merge`` adds to the base tensor: lambda * combination (see
-    :func:`combine` for ``options``), and the op's records."""
-    combined, stats = combine(entry, taus, weights, params, **options)
-    return combined.mul_(lambda_for(entry.op, params)), stats
+    """The delta ``lors merge`` adds to the base tensor: lambda * scaled part + unscaled part
+    of the combination (see :func:`combine` for ``options``), calibrated when asked (see
+    :func:`finish`), and the op's records."""
+    combination, stats = combine(entry, taus, weights, params, **options)
+    return finish(entry, combination, lambda_for(entry, params), taus, weights, params,
+                  inplace=True), stats
 
 
 def check_finite(tensor: Tensor, name: str, dtype: torch.dtype) -> Tensor:

@@ -2,8 +2,8 @@
 
 An op combines the experts' float32 task vectors of one tensor into one merged delta *before*
 lambda. Every task-vector op is one "sparsify -> (elect) -> combine" pass
-(:func:`sparsify_elect_combine`); TSV and Iso-C combine whole matrices instead. Its
-:class:`OpSpec` states which parameters it reads, whether it works on 2-D matrices only, whether
+(:func:`sparsify_elect_combine`); TSV, Iso-C, Iso-CTS and CART combine whole matrices instead.
+Its :class:`OpSpec` states which parameters it reads, whether it works on 2-D matrices only, whether
 its top-k may be global, whether lambda scales it, and its default lambda. Lambda itself is
 applied by the per-tensor core (:mod:`lors.merging.core`), the one place that the engine, the
 experiment's search and the extensibility step all call.
@@ -49,9 +49,13 @@ class OpContext:
             return max(1, round(ratio * min(shape)))
         return int(self.params["rank"])
 
-    def factors(self, expert: int, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def factors(self, expert: int, tau: Tensor, tag: tuple = ()
+                ) -> tuple[Tensor, Tensor, Tensor]:
         """The top-r singular triplets of ``tau`` (r from :meth:`rank_for`), exactly as
         :func:`primitives.truncated_svd` gives them for this expert and tensor.
+
+        ``tag`` names what ``tau`` is when it is not the expert's task vector itself (CART's
+        centred matrix): it is part of the cache key, so different matrices never share one.
 
         With ``svd_cache`` (a search), a decomposition is computed once per (tensor, expert,
         rank, SVD settings). Only the exact SVD is nested (its rank-r factors are the leading
@@ -64,13 +68,13 @@ class OpContext:
         if self.svd_cache is None:
             return P.truncated_svd(tau, rank, **options)
         if options["exact"]:
-            key = (self.name, expert, "exact")
+            key = (self.name, *tag, expert, "exact")
             cached = self.svd_cache.get(key)
             if cached is None or cached[1].numel() < min(rank, *tau.shape):
                 cached = self.svd_cache[key] = P.truncated_svd(tau, rank, **options)
             u, s, vh = cached
             return u[:, :rank], s[:rank], vh[:rank]
-        key = (self.name, expert, rank, options["oversample"], options["niter"],
+        key = (self.name, *tag, expert, rank, options["oversample"], options["niter"],
                self.params.get("seed"))
         if key not in self.svd_cache:
             self.svd_cache[key] = P.truncated_svd(tau, rank, **options)
@@ -149,7 +153,19 @@ def _tsv(taus: Sequence[Tensor], ctx: OpContext) -> Tensor:
     return P.tsv_combine([w * t for t, w in zip(taus, ctx.weights)])
 
 
-Combine = Callable[[Sequence[Tensor], OpContext], Tensor]
+def _cart(taus: Sequence[Tensor], ctx: OpContext) -> tuple[Tensor, Tensor]:
+    # The centred matrices depend on every expert and weight: both are in the cache key.
+    tag = ("cart-centred", tuple(ctx.weights))
+    return P.cart_combine(taus, ctx.rank_for(taus[0].shape), ctx.weights,
+                          factors=lambda i, centred: ctx.factors(i, centred, tag))
+
+
+def _iso_cts(taus: Sequence[Tensor], ctx: OpContext) -> Tensor:
+    return P.iso_cts_combine([w * t for t, w in zip(taus, ctx.weights)],
+                             ctx.params["common_ratio"])
+
+
+Combine = Callable[[Sequence[Tensor], OpContext], Tensor | tuple[Tensor, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -157,7 +173,9 @@ class OpSpec:
     """One op: its combination (before lambda) and the facts every caller needs about it.
 
     ``default_lambda`` is "1/T" for sums (one over the number of experts: their average) and
-    1.0 for means and spectra; a callable decides from the resolved parameters.
+    1.0 for means and spectra; a callable decides from the resolved parameters. A ``split``
+    op's combine returns (scaled, fixed): its delta is lambda * scaled + fixed (CART's mean
+    is not scaled); every other op's delta is lambda * combination.
     """
 
     combine: Combine
@@ -167,6 +185,7 @@ class OpSpec:
     global_scope: bool = False        # its top-k may use one whole-model threshold per expert
     lambda_scaled: bool = True        # False: the delta is used as it is (mean, base)
     default_lambda: str | float | Callable[[dict], str | float] = "1/T"
+    split: bool = False               # combine returns (part lambda scales, part it does not)
 
     def lambda_default(self, params: dict) -> str | float:
         return self.default_lambda(params) if callable(self.default_lambda) else self.default_lambda
@@ -200,6 +219,12 @@ OPS: dict[str, OpSpec] = {
                   default_lambda=lambda p: 1.0 if p.get("dare_combine") == "ties" else "1/T"),
     "tsv": _spec(_tsv, {"lambda"}, matrix_only=True, default_lambda=1.0),
     "iso_c": _spec(_iso_c, {"lambda"}, matrix_only=True, default_lambda=1.0),
+    # CART: mean + lambda * sum of rank-k centred task vectors; k about 8% of min(m, n) is
+    # the paper's recommendation
+    "cart": _spec(_cart, {"lambda", "rank", "rank_ratio", *SVD_PARAMETERS},
+                  {"rank_ratio": 0.08}, matrix_only=True, default_lambda=1.0, split=True),
+    "iso_cts": _spec(_iso_cts, {"lambda", "common_ratio"}, {"common_ratio": 0.8},
+                     matrix_only=True, default_lambda=1.0),
     "keep_base": _spec(lambda taus, ctx: torch.zeros_like(taus[0]), set(), lambda_scaled=False,
                        default_lambda=1.0),
 }
@@ -207,11 +232,13 @@ OPS: dict[str, OpSpec] = {
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A method: its op on the 2-D attention/FFN weights and its op elsewhere."""
+    """A method: its op on the 2-D attention/FFN weights, its op elsewhere, and the
+    post-step on the merged 2-D matrices it applies unless told otherwise (``calibrate``)."""
 
     summary: str
     matrix_op: str
     other_op: str
+    calibrate: str | None = None
 
     def op_for_group(self, group: str) -> str:
         return self.matrix_op if group in MATRIX_GROUPS else self.other_op
@@ -233,7 +260,14 @@ METHODS: dict[str, MethodSpec] = {
     "tsv": MethodSpec("TSV-Merge: per-task top 1/T singular triplets, orthogonalised",
                       "tsv", "average"),
     "iso_c": MethodSpec("Iso-C: isotropic spectrum of the summed task matrix", "iso_c", "average"),
+    "cart": MethodSpec("CART: weight average + lambda * sum of rank-k centred task vectors",
+                       "cart", "average"),
+    "iso_cts": MethodSpec("Iso-CTS: isotropic spectrum on common + task-specific subspaces",
+                          "iso_cts", "average"),
+    "svc": MethodSpec("task arithmetic, then singular value calibration of each matrix",
+                      "task_arithmetic", "task_arithmetic", calibrate="svc"),
 }
+CALIBRATIONS = ("svc",)  # post-steps on the merged 2-D matrices (config field ``calibrate``)
 METHOD_ALIASES = {"dare_linear": ("dare", {"dare_combine": "linear"}),
                   "dare_ties": ("dare", {"dare_combine": "ties"}), "ta": ("task_arithmetic", {})}
 

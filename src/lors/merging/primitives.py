@@ -6,7 +6,7 @@ files, names or configuration: that is the engine's business.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -190,3 +190,101 @@ def iso_c_combine(summed: Tensor) -> Tensor:
     """
     u, s, vh = torch.linalg.svd(summed, full_matrices=False)
     return (u * s.mean()) @ vh
+
+
+Factors = Callable[[int, Tensor], tuple[Tensor, Tensor, Tensor]]
+
+
+def cart_combine(task_matrices: Sequence[Tensor], rank: int,
+                 weights: Sequence[float] | None = None, *, factors: Factors | None = None,
+                 **svd_options) -> tuple[Tensor, Tensor]:
+    """CART (Choi et al. 2024, arXiv 2412.12153) of T task matrices of one layer, split into
+    the part lambda scales and the part it does not: returns (low-rank sum, mean).
+
+    mean = sum_i w_i tau_i / sum_i w_i (weights default to 1: the plain average);
+    c_i = tau_i - mean (the task vectors centred on the weight average);
+    low-rank sum = sum_i w_i L_i, L_i the rank-``rank`` truncation U_r diag(S_r) V_r^T of c_i.
+    The merge is theta_0 + mean + lambda * low-rank sum, as in the paper (a sum over i, lambda
+    on it only). ``factors(i, c_i)``, when given, returns c_i's top-``rank`` triplets (e.g. from
+    a cache); else :func:`truncated_svd` with ``svd_options``. The inputs are not modified.
+    """
+    weights = [1.0] * len(task_matrices) if weights is None else list(weights)
+    mean = torch.zeros_like(task_matrices[0])
+    for tau, weight in zip(task_matrices, weights):
+        mean.add_(tau, alpha=weight)
+    mean.div_(sum(weights))
+    low_rank = torch.zeros_like(mean)
+    for i, (tau, weight) in enumerate(zip(task_matrices, weights)):
+        centred = tau - mean
+        u, s, vh = factors(i, centred) if factors else truncated_svd(centred, rank, **svd_options)
+        low_rank.addmm_(u * s, vh, alpha=weight)
+    return low_rank, mean
+
+
+def iso_cts_split(rank: int, experts: int, common_ratio: float) -> tuple[int, int]:
+    """Iso-CTS' (k, s): k common directions and s task-specific directions per expert, with
+    k + T s = r = ``rank`` = min(m, n), as the authors' code sizes them.
+
+    k0 = floor(common_ratio * r); s = round((r - k0) / T) (Python's round: halves to even),
+    at most floor(r / T); k = r - T s (so the T s task-specific directions divide evenly).
+    """
+    per_task = min(round((rank - int(common_ratio * rank)) / experts), rank // experts)
+    return rank - experts * per_task, per_task
+
+
+def iso_cts_combine(task_matrices: Sequence[Tensor], common_ratio: float) -> Tensor:
+    """Iso-CTS (Marczak et al. 2025, "No Task Left Behind"): isotropic merge in the common and
+    the task-specific subspaces of T task matrices of one layer (m x n, r = min(m, n)).
+
+    (k, s) = :func:`iso_cts_split`. The common subspace: the top-k triplets (U_k, S_k, V_k) of
+    the sum M = sum_i tau_i. Each task's residual outside it, R_i = tau_i - U_k U_k^T tau_i,
+    gives its top-s triplets (P_i, E_i, Q_i). U* = [U_k, P_1, ..., P_T] (m x r) and
+    V* = [V_k, Q_1, ..., Q_T] (n x r) are orthogonalised (Procrustes, :func:`orthogonalise`),
+    and every singular value is replaced by their mean sigma = mean(S_k, E_1, ..., E_T) (the
+    r values kept): the result is sigma U*_perp V*_perp^T. Weighted experts pass w_i tau_i.
+    With common_ratio 1 (s = 0) this is Iso-C; exact SVDs throughout.
+    """
+    m, n = task_matrices[0].shape
+    rank = min(m, n)
+    k, per_task = iso_cts_split(rank, len(task_matrices), common_ratio)
+    summed = torch.stack(list(task_matrices)).sum(dim=0)
+    u, s, vh = torch.linalg.svd(summed, full_matrices=False)
+    us, ss, vs = [u[:, :k]], [s[:k]], [vh[:k].T]
+    common = u[:, :k]
+    for tau in task_matrices:
+        residual = tau - common @ (common.T @ tau)
+        p, e, qh = torch.linalg.svd(residual, full_matrices=False)
+        us.append(p[:, :per_task])
+        ss.append(e[:per_task])
+        vs.append(qh[:per_task].T)
+    sigma = torch.cat(ss).mean()
+    return (orthogonalise(torch.cat(us, dim=1)) * sigma) @ orthogonalise(torch.cat(vs, dim=1)).T
+
+
+SVC_NEGLIGIBLE = 1e-4  # a task response below this fraction of the merged one does not count
+
+
+def svc_calibrate(merged: Tensor, task_matrices: Sequence[Tensor], alpha: float) -> Tensor:
+    """Singular Value Calibration (Li et al. 2026, arXiv 2602.05536) of one merged delta.
+
+    merged = U diag(S) V^T (exact thin SVD). For each direction r and each of the K tasks:
+    a_r = u_r^T merged (= S_r v_r^T) and a_r^i = u_r^T tau_i;
+    s_r^i = <a_r, a_r^i> / ||a_r^i||^2, and s_r^i = 0 where the task does not act along u_r:
+    ||a_r^i|| <= SVC_NEGLIGIBLE * ||a_r|| (1e-4; this includes a_r^i = 0; without it a
+    rounding-level response would give an arbitrarily large s and erase the direction);
+    gamma_r = K / sum_i max(alpha, s_r^i), alpha > 0, not capped at 1 (0 < gamma_r <= 1/alpha:
+    over-counted directions, s > 1, shrink; diluted ones, alpha < s < 1, grow back).
+    Returns U diag(gamma * S) V^T; the singular vectors are unchanged.
+    """
+    u, s, vh = torch.linalg.svd(merged, full_matrices=False)
+    response = s[:, None] * vh  # a_r, one row per direction (||a_r|| = S_r)
+    total = torch.zeros_like(s)
+    for tau in task_matrices:
+        projected = u.T @ tau  # a_r^i, one row per direction
+        norm = projected.square().sum(dim=1)
+        acts = norm > (SVC_NEGLIGIBLE * s).square()
+        coefficient = torch.where(acts, (response * projected).sum(dim=1)
+                                  / torch.where(acts, norm, 1.0), 0.0)
+        total += coefficient.clamp(min=alpha)
+    gamma = len(task_matrices) / total
+    return (u * (gamma * s)) @ vh

@@ -110,7 +110,9 @@ def train(config: TrainConfig, utterances: list[Utterance] | None = None,
 
 def _train_sequential(config, accelerator, base_dir: Path, pairs: list[PairData], out: Path,
                       on_step) -> dict:
-    """Stage k starts from stage k-1's best model; finished stages are skipped on re-run."""
+    """Stage k starts from stage k-1's best model; finished stages are skipped on re-run.
+    Each stage has its own step budget, plateau counter and best step (on its own pair's
+    dev set); its dev evaluations also score the pairs of the stages before it."""
     work = out.with_name(out.name + ".partial")
     stages_dir = work / "stages"
     stages_dir.mkdir(parents=True, exist_ok=True)
@@ -122,7 +124,7 @@ def _train_sequential(config, accelerator, base_dir: Path, pairs: list[PairData]
         else:
             summary = train_stage(config.model_copy(update={"force": False}), accelerator,
                                   previous, [pair], stage_out, stage=f"{index}/{len(pairs)} "
-                                  f"{pair.name}", on_step=on_step)
+                                  f"{pair.name}", on_step=on_step, seen=pairs[:index - 1])
         summaries.append(summary)
         previous = stage_out
     if accelerator.is_main_process:
@@ -132,11 +134,27 @@ def _train_sequential(config, accelerator, base_dir: Path, pairs: list[PairData]
         total = {"sequential": True, "pairs": [[p.language, p.task] for p in pairs],
                  "stages": summaries, "mode": config.mode,
                  "train_seconds": sum(s["train_seconds"] for s in summaries),
-                 "samples": sum(s["samples"] for s in summaries)}
+                 "samples": sum(s["samples"] for s in summaries),
+                 "steps": sum(s["steps"] for s in summaries),
+                 "stopped_early": any(s["stopped_early"] for s in summaries),
+                 "select": config.select, **_joined_curves(summaries)}
         (work / "training.json").write_text(json.dumps(total, indent=2))
         publish(work, out, force=config.force)
     accelerator.wait_for_everyone()
     return json.loads((out / "training.json").read_text())
+
+
+def _joined_curves(summaries: list[dict]) -> dict:
+    """The stages' dev curves on one axis of steps since the first stage began:
+    ``dev_curve`` (each stage on its own pair) and ``dev_seen_curve`` (on every pair seen so
+    far; the first stage's own curve stands for it)."""
+    own, seen, offset = [], [], 0
+    for summary in summaries:
+        own += [[offset + step, score] for step, score in summary["dev_curve"]]
+        seen += [[offset + step, score] for step, score
+                 in summary.get("dev_seen_curve") or summary["dev_curve"]]
+        offset += summary["steps"]
+    return {"dev_curve": own, "dev_seen_curve": seen}
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -23,7 +23,11 @@ class TrainConfig(BaseModel):
     ``pairs`` is the ordered list of (language, task) pairs: one pair trains an expert,
     several the multi-task multi-lingual model (balanced sampling), or, with ``sequential``,
     one model on each pair in turn. ``max_steps`` wins over ``epochs`` (counted on the
-    largest pair). ``eval_every``/``save_every`` default to a tenth of the steps.
+    largest pair) and is the cap of the run. The dev set is scored ``eval_times`` times spread
+    evenly over the (capped) run when given, else every ``eval_every`` steps (default a tenth
+    of the steps) and at the last step; checkpoints are saved at those evaluations unless
+    ``save_every`` is given. ``patience``: stop once the dev score has not improved for that
+    many consecutive dev evaluations (None: train to the cap).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -43,6 +47,8 @@ class TrainConfig(BaseModel):
     max_grad_norm: float | None = Field(default=1.0, gt=0)  # gradient clipping; None: off
     seed: int = 0
     eval_every: int | None = Field(default=None, ge=1)
+    eval_times: int | None = Field(default=None, ge=1)  # wins over eval_every
+    patience: int | None = Field(default=None, ge=1)  # in dev evaluations; None: off
     save_every: int | None = Field(default=None, ge=1)
     select: Literal["token-accuracy", "wer-bleu"] = "token-accuracy"
     limit: int | None = Field(default=None, ge=1)

@@ -105,8 +105,9 @@ def _check_utterance(utt: Utterance, task: str, source: str, max_seconds: float)
 
 
 def window_positions(longest_seconds: float, full_positions: int, hop_length: int) -> int:
-    """Encoder positions for training: evaluation's automatic window for the longest clip
-    (so a model trains on the windows it is evaluated with), capped at the full window."""
+    """Encoder positions of one window for a set of clips: evaluation's automatic window for
+    the longest, capped at the full window. (Training picks one per batch instead, see
+    ``inputs.clip_positions``.)"""
     return window_for(round(longest_seconds * SAMPLE_RATE), None, full_positions,
                       hop_length).positions
 

@@ -1,7 +1,10 @@
-"""Model inputs per utterance: log-mel features on the short window, or cached encoder outputs.
+"""Model inputs per utterance: log-mel features on short windows, or cached encoder outputs.
 
-Features are computed once per utterance and held in memory (a few hundred KB each at 8-10 s).
-With the encoder frozen its output never changes, so it is computed once per utterance and
+Training uses one encoder window per batch, the one evaluation would use for the batch's
+longest clip (:func:`clip_positions`). Features are computed once per utterance on its own
+window, held in memory (a few hundred KB each at 8-10 s) and padded to the batch's window
+(:func:`fit_window`, exact). With the encoder frozen its output never changes, so it is
+computed once per utterance and window (a clip can meet several windows in its batches) and
 stored on disk under a key of the encoder's weights, the window and the feature settings:
 experts, the MTL model and every sequential stage of one base share it, and a re-run reads it
 back instead of running the encoder again.
@@ -22,7 +25,7 @@ from tqdm.auto import tqdm
 from ..data.audio import SAMPLE_RATE, load_audio
 from ..data.manifest import Utterance
 from ..errors import LorsError
-from ..evaluation.window import encoder_window
+from ..evaluation.window import encoder_window, window_for
 from ..fsutil import atomic_file
 
 
@@ -64,6 +67,52 @@ def log_mel(extractor, utterances: Sequence[Utterance], positions: int,
                            return_tensors="pt").input_features[0]
         features[utt.id] = _FEATURES[key] = values
     return features
+
+
+def clip_positions(utterances: Sequence[Utterance], full_positions: int,
+                   hop_length: int) -> int:
+    """Encoder positions of the window for a batch of ``utterances``: evaluation's automatic
+    window (:func:`window_for`) for the batch's longest clip by its manifest duration, the
+    longest clip + 2 s in whole seconds, at least 8 s, capped at the full window. For one clip,
+    that clip's own window (the one it is decoded with)."""
+    longest = max(round(u.duration * SAMPLE_RATE) for u in utterances)
+    return window_for(longest, None, full_positions, hop_length).positions
+
+
+def clip_features(extractor, utterances: Sequence[Utterance], full_positions: int,
+                  show_progress: bool = False) -> dict[str, torch.Tensor]:
+    """``{utterance id: features}``, each clip padded to its own window (see
+    :func:`clip_positions`); :func:`fit_window` pads them to a batch's larger window."""
+    groups: dict[int, dict[str, Utterance]] = {}
+    for utt in utterances:
+        positions = clip_positions([utt], full_positions, extractor.hop_length)
+        groups.setdefault(positions, {})[utt.id] = utt
+    features: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=sum(map(len, groups.values())), desc="features", unit="utt",
+               disable=not show_progress, leave=False)
+    for positions, group in sorted(groups.items()):
+        features.update(log_mel(extractor, list(group.values()), positions))
+        bar.update(len(group))
+    bar.close()
+    return features
+
+
+def fit_window(features: torch.Tensor, positions: int) -> torch.Tensor:
+    """Log-mel ``features`` (n_mels, frames) of a clip padded to ``2 * positions`` frames.
+
+    A clip's own window ends in at least 2 s of padding, whose frames all hold the same value
+    (the floor the extractor clamps silence to, relative to the clip's loudest frame), so
+    repeating the last frame gives exactly the features of the audio padded to the larger
+    window, without keeping one copy of every clip per window.
+    """
+    frames = 2 * positions
+    missing = frames - features.shape[-1]
+    if missing < 0:
+        raise ValueError(f"features of {features.shape[-1]} frames do not fit a window of "
+                         f"{frames}")
+    if missing == 0:
+        return features
+    return torch.cat([features, features[..., -1:].expand(*features.shape[:-1], missing)], -1)
 
 
 def encoder_key(whisper, extractor, positions: int) -> str:

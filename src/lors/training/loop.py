@@ -1,9 +1,10 @@
 """One training run (an expert, the MTL model, or one sequential stage), resumable.
 
-Data path: selected utterances -> prompts/labels -> features on the short encoder window (or
-cached encoder outputs) -> deterministic balanced batches -> AdamW with warmup and linear
-decay, through accelerate (one CPU process, or one process per GPU under
-``accelerate launch``) -> dev metric -> best weights -> a standard Whisper folder.
+Data path: selected utterances -> prompts/labels -> deterministic balanced batches -> features
+on each batch's short encoder window (or cached encoder outputs) -> AdamW with warmup and
+linear decay, through accelerate (one CPU process, or one process per GPU under
+``accelerate launch``) -> dev metric at the scheduled evaluations -> best weights (stopping
+early on a dev plateau with ``patience``) -> a standard Whisper folder.
 """
 
 from __future__ import annotations
@@ -13,22 +14,23 @@ import resource
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import BaseModelOutput
 
 from ..data.audio import SAMPLE_RATE
+from ..data.manifest import Utterance
 from ..errors import LorsError
 from ..evaluation.window import encoder_window
 from ..fsutil import publish
 from . import checkpoints, schedule
 from .batching import collate, tokenize_pairs
 from .config import TrainConfig
-from .data import PairData, window_positions
-from .dev import dev_score
-from .inputs import cached_encoder_outputs, log_mel
+from .data import PairData
+from .dev import mean_score, pair_dev_scores
+from .inputs import cached_encoder_outputs, clip_features, clip_positions, fit_window
 from .modes import export_model, load_whisper, prepare_model, trainable_state
 
 StepHook = Callable[[int, dict], None]
@@ -60,37 +62,42 @@ class _JsonlLog:
 
 
 def train_stage(config: TrainConfig, accelerator, base_dir: Path, pairs: list[PairData],
-                out: Path, stage: str = "", on_step: StepHook | None = None) -> dict:
+                out: Path, stage: str = "", on_step: StepHook | None = None,
+                seen: Sequence[PairData] = ()) -> dict:
     """Train from ``base_dir`` on ``pairs`` and write the best model to ``out``.
 
     Work happens in ``<out>.partial``; a re-run with the same settings resumes from its
-    newest checkpoint, and ``out`` appears (published) only once complete. Returns the
-    summary also written to ``out/training.json``.
+    newest checkpoint (the plateau counter and the dev curve included), and ``out`` appears
+    (published) only once complete. ``seen``: pairs trained on before (a sequential run's
+    earlier stages); their dev sets are scored too at every dev evaluation and logged with
+    the score over all pairs seen so far, while the best step and plateau stopping follow
+    ``pairs``' own dev score. Returns the summary also written to ``out/training.json``.
     """
     work = out.with_name(out.name + ".partial")
     whisper, processor = load_whisper(base_dir)
     extractor, tokenizer = processor.feature_extractor, processor.tokenizer
-    positions = window_positions(max(u.duration for p in pairs for u in p.train + p.dev),
-                                 whisper.config.max_source_positions, extractor.hop_length)
+    full, hop = whisper.config.max_source_positions, extractor.hop_length
     examples = tokenize_pairs(tokenizer, pairs, whisper.config.max_target_positions)
+    earlier = [PairData(p.language, p.task, [], p.dev) for p in seen]
+    earlier_examples = tokenize_pairs(tokenizer, earlier, whisper.config.max_target_positions)
     sizes = [len(p.train) for p in examples]
     steps = config.max_steps or schedule.steps_for_epochs(sizes, config.epochs, config.batch_size)
-    eval_every = config.eval_every or max(1, steps // 10)
-    save_every = config.save_every or eval_every
+    evaluations = set(schedule.evaluation_steps(steps, config.eval_every, config.eval_times))
     fingerprint = config.fingerprint(base=str(base_dir), stage=stage, steps=steps,
                                      data=[p.train_ids + p.dev_ids for p in examples])
     _claim_work_dir(work, fingerprint, config.force, accelerator)
     show = config.show_progress and accelerator.is_local_main_process
 
-    utterances = {u.id: u for p in pairs for u in p.train + p.dev}
+    plan = schedule.batches(sizes, config.seed, steps, config.batch_size)
+    # one encoder window per (global) batch: evaluation's window for its longest clip
+    windows = [clip_positions([pairs[p].train[i] for p, i in batch], full, hop) for batch in plan]
     cached = config.mode == "freeze-encoder"
+    cache = None
     if cached:
-        cache_dir = Path(config.cache_dir) if config.cache_dir else _default_cache()
+        cache = Path(config.cache_dir) if config.cache_dir else _default_cache()
+        cache = cache / "encoder-outputs"
         whisper.to(accelerator.device)
-        inputs = cached_encoder_outputs(whisper, extractor, list(utterances.values()), positions,
-                                        cache_dir / "encoder-outputs", show_progress=show)
-    else:
-        inputs = log_mel(extractor, list(utterances.values()), positions, show_progress=show)
+    inputs = _Inputs(extractor, whisper, pairs, earlier, plan, windows, full, cache, show)
 
     model = prepare_model(whisper, config.mode, config.lora_rank, config.lora_alpha)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -100,18 +107,22 @@ def train_stage(config: TrainConfig, accelerator, base_dir: Path, pairs: list[Pa
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     state = {"step": 0, "best_score": None, "best_step": None, "train_seconds": 0.0,
-             "samples": 0}
+             "samples": 0, "best_pairs": None, "evals_without_improvement": 0,
+             "dev_curve": [], "dev_seen_curve": [], "stopped_early": False}
     latest = checkpoints.latest_checkpoint(work / "checkpoints")
     if latest is not None:
-        state = checkpoints.load_checkpoint(accelerator, latest)
+        state.update(checkpoints.load_checkpoint(accelerator, latest))
     log = _JsonlLog(work / "train_log.jsonl", state["step"], accelerator.is_main_process)
-    plan = schedule.batches(sizes, config.seed, steps, config.batch_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    metric = config.select.replace("-", "_")
 
     def batch_for(step: int) -> dict:
         mine = plan[step][accelerator.process_index::accelerator.num_processes]
         chosen = [(examples[p].train_ids[i], examples[p].train[i]) for p, i in mine]
-        return collate([inputs[uid] for uid, _ in chosen], [e for _, e in chosen], pad_id)
+        batch = collate([inputs.train(uid, windows[step]) for uid, _ in chosen],
+                        [e for _, e in chosen], pad_id)
+        batch["positions"] = windows[step]
+        return batch
 
     def forward(batch: dict):
         device = accelerator.device
@@ -120,8 +131,13 @@ def train_stage(config: TrainConfig, accelerator, base_dir: Path, pairs: list[Pa
         if cached:
             hidden = batch["inputs"].to(device)
             return model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), **kwargs)
-        with encoder_window(whisper, positions):
+        with encoder_window(whisper, batch["positions"]):
             return model(input_features=batch["inputs"].to(device), **kwargs)
+
+    def scores(examples_, pairs_) -> dict[str, float | None]:
+        return pair_dev_scores(config.select, accelerator.unwrap_model(model), whisper,
+                               processor, examples_, inputs.dev, pairs_, cached, pad_id,
+                               accelerator.device)
 
     best, best_info = None, None  # a best-so-far snapshot not yet on disk
     bar = tqdm(total=steps, initial=state["step"], desc=f"train {stage}".strip(), unit="step",
@@ -144,57 +160,128 @@ def train_stage(config: TrainConfig, accelerator, base_dir: Path, pairs: list[Pa
                      samples=state["samples"] + samples)
         record = {"step": step + 1, "loss": round(loss.item(), 6),
                   "lr": scheduler.get_last_lr()[0], "samples_per_second": samples / seconds,
-                  "step_seconds": seconds, "stage": stage}
+                  "step_seconds": seconds, "encoder_positions": windows[step], "stage": stage}
         log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{samples / seconds:.1f}")
         bar.update(1)
-        done = state["step"]
-        if done % eval_every == 0 or done == steps:
-            score = dev_score(config.select, accelerator.unwrap_model(model), whisper, processor,
-                              examples, inputs, pairs, positions, cached, pad_id,
-                              accelerator.device)
+        done, stop = state["step"], False
+        if done in evaluations:
+            own = scores(examples, pairs)
+            score = mean_score(own.values())
+            dev = {"step": done, "dev_" + metric: score, "dev_pairs": own}
+            state["dev_curve"].append([done, score])
+            if earlier_examples:  # judged on every pair seen so far too (logged only)
+                everything = {**scores(earlier_examples, earlier), **own}
+                seen_score = mean_score(everything.values())
+                dev.update({"dev_seen_" + metric: seen_score, "dev_seen_pairs": everything})
+                state["dev_seen_curve"].append([done, seen_score])
             improved = score is not None and (state["best_score"] is None
                                               or score > state["best_score"])
             if improved or (score is None and done == steps):
-                state.update(best_score=score, best_step=done)
+                state.update(best_score=score, best_step=done, best_pairs=own)
                 # kept in memory; written to disk only with the next checkpoint (below)
                 best = trainable_state(accelerator.unwrap_model(model))
                 best_info = {"step": done, "score": score, "metric": config.select}
-            log.write({"step": done, "dev_" + config.select.replace("-", "_"): score,
-                       "best_step": state["best_step"]})
-        if done % save_every == 0 and done < steps:
+            if improved:
+                state["evals_without_improvement"] = 0
+            elif score is not None:
+                state["evals_without_improvement"] += 1
+            stop = (config.patience is not None and done < steps
+                    and state["evals_without_improvement"] >= config.patience)
+            state["stopped_early"] = stop
+            dev.update(best_step=state["best_step"],
+                       evals_without_improvement=state["evals_without_improvement"])
+            log.write(dev)
+        saving = done % config.save_every == 0 if config.save_every else done in evaluations
+        if saving and done < steps and not stop:
             if best is not None and accelerator.is_main_process:
                 checkpoints.save_best(work, best, best_info)  # before the checkpoint naming it
                 best = None
             checkpoints.save_checkpoint(accelerator, work / "checkpoints", done, state)
         if on_step is not None:
             on_step(done, record)
+        if stop:
+            break
     bar.close()
-    return _finish(config, accelerator, model, base_dir, work, out, state, steps, positions,
-                   extractor.hop_length, pairs, stage, best)
+    return _finish(config, accelerator, model, base_dir, work, out, state, steps,
+                   windows[:state["step"]], inputs.dev_windows, hop, pairs, stage, best)
 
 
-def _finish(config, accelerator, model, base_dir, work, out, state, steps, positions,
-            hop_length, pairs, stage, best) -> dict:
+class _Inputs:
+    """The model inputs of a run: every train clip on the windows of the batches it is in,
+    every dev clip on its own window (as evaluation decodes it).
+
+    Log-mel features are computed once per clip on its own window and padded to a batch's
+    window when asked (exact, see :func:`fit_window`); with the encoder frozen, its outputs
+    are computed (or read from the disk cache) once per clip and window.
+    """
+
+    def __init__(self, extractor, whisper, pairs: list[PairData], earlier: list[PairData],
+                 plan: list, windows: list[int], full: int, cache: Path | None,
+                 show: bool) -> None:
+        hop = extractor.hop_length
+        dev = {u.id: u for p in pairs + earlier for u in p.dev}
+        self.own = {uid: clip_positions([u], full, hop) for uid, u in dev.items()}
+        self.dev_windows = sorted(set(self.own.values()))
+        self.encoded: dict[tuple[str, int], torch.Tensor] | None = None
+        if cache is None:
+            utterances = {u.id: u for p in pairs for u in p.train} | dev
+            self.features = clip_features(extractor, list(utterances.values()), full, show)
+            self.dev = {uid: self.features[uid] for uid in dev}
+            return
+        needed: dict[int, dict[str, Utterance]] = {}
+        for batch, window in zip(plan, windows):
+            for p, i in batch:
+                needed.setdefault(window, {})[pairs[p].train[i].id] = pairs[p].train[i]
+        for uid, utt in dev.items():
+            needed.setdefault(self.own[uid], {})[uid] = utt
+        self.encoded = {}
+        for window, group in sorted(needed.items()):
+            outputs = cached_encoder_outputs(whisper, extractor, list(group.values()), window,
+                                             cache, show_progress=show)
+            self.encoded.update({(uid, window): value for uid, value in outputs.items()})
+        self.dev = {uid: self.encoded[(uid, self.own[uid])] for uid in dev}
+
+    def train(self, uid: str, window: int) -> torch.Tensor:
+        """The input of train clip ``uid`` in a batch of encoder window ``window``."""
+        if self.encoded is not None:
+            return self.encoded[(uid, window)]
+        return fit_window(self.features[uid], window)
+
+
+def _finish(config, accelerator, model, base_dir, work, out, state, steps, batch_windows,
+            dev_windows, hop_length, pairs, stage, best) -> dict:
     """Load the best weights (in memory, else the last saved), export the model into
     ``work/model`` and publish it at ``out`` (an existing one, under --force, is deleted only
-    once the new one is in place)."""
+    once the new one is in place). ``batch_windows``: the encoder window of every step taken;
+    ``dev_windows``: those of the dev clips."""
     unwrapped = accelerator.unwrap_model(model)
     best = best if best is not None else checkpoints.load_best(work)
     if best is not None:
         unwrapped.load_state_dict(best, strict=False)
+    positions = max(batch_windows + dev_windows)
+    seconds: dict[str, int] = {}  # steps per window length
+    for window in batch_windows:
+        key = f"{2 * window * hop_length / SAMPLE_RATE:g}"
+        seconds[key] = seconds.get(key, 0) + 1
     summary = {"stage": stage, "pairs": [[p.language, p.task] for p in pairs],
-               "mode": config.mode, "steps": steps, "best_step": state["best_step"],
-               "best_dev_score": state["best_score"], "select": config.select,
-               "samples": state["samples"], "train_seconds": round(state["train_seconds"], 3),
+               "mode": config.mode, "steps": state["step"], "max_steps": steps,
+               "stopped_early": state["stopped_early"], "patience": config.patience,
+               "best_step": state["best_step"], "best_dev_score": state["best_score"],
+               "best_dev_pairs": state["best_pairs"], "select": config.select,
+               "dev_curve": state["dev_curve"], "samples": state["samples"],
+               "train_seconds": round(state["train_seconds"], 3),
                "samples_per_second": state["samples"] / max(state["train_seconds"], 1e-9),
                "window_seconds": 2 * positions * hop_length / SAMPLE_RATE,
-               "encoder_positions": positions, "base": str(base_dir), "seed": config.seed,
+               "encoder_positions": positions, "batch_windows_seconds": seconds,
+               "base": str(base_dir), "seed": config.seed,
                "learning_rate": config.lr, "batch_size": config.batch_size,
                "train_utterances": {f"{p.language}-{p.task}": len(p.train) for p in pairs},
                "dev_utterances": {f"{p.language}-{p.task}": len(p.dev) for p in pairs},
                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "device": str(accelerator.device), "processes": accelerator.num_processes}
+    if state["dev_seen_curve"]:
+        summary["dev_seen_curve"] = state["dev_seen_curve"]
     if torch.cuda.is_available():
         summary["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     if accelerator.is_main_process:

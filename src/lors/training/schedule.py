@@ -41,3 +41,18 @@ def batches(pair_sizes: list[int], seed: int, steps: int,
 def steps_for_epochs(pair_sizes: list[int], epochs: float, batch_size: int) -> int:
     """Steps for the largest pair to be seen ``epochs`` times under balanced sampling."""
     return max(1, math.ceil(epochs * max(pair_sizes) * len(pair_sizes) / batch_size))
+
+
+def evaluation_steps(steps: int, every: int | None = None, times: int | None = None) -> list[int]:
+    """The steps (1-based, ascending) after which the dev set is scored in a run of ``steps``.
+
+    ``times``: that many evaluations spread evenly, the k-th after step ceil(k * steps / times)
+    (so the last is the last step; at most one per step), whatever the run's length, so runs
+    of different lengths get the same number of checks. Else every ``every`` steps (default a
+    tenth of the run) and the last step.
+    """
+    if times is not None:
+        count = min(times, steps)
+        return [-(-k * steps // count) for k in range(1, count + 1)]
+    every = every or max(1, steps // 10)
+    return sorted(set(range(every, steps + 1, every)) | {steps})

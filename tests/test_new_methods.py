@@ -1,0 +1,368 @@
+"""CART, Iso-CTS and singular value calibration (SVC): each primitive against a naive float64
+reference written from the papers' formulas, their properties, the engine/search agreement
+with calibration, and the bad inputs they bring."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import load_state
+from lors.cli import main
+from lors.errors import ConfigError
+from lors.merging import core, merge, validate_config
+from lors.merging import primitives as P
+from lors.merging.config import resolve, resolve_method
+from lors.merging.groups import MATRIX_GROUPS
+from lors.merging.methods import CALIBRATIONS, METHODS, OPS
+
+FFN = "model.encoder.layers.0.fc1.weight"
+
+
+def random_taus(count: int, m: int = 24, n: int = 40, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(m, n, generator=g) for _ in range(count)]
+
+
+def params(**given) -> dict:
+    return {"lambda": 1.0, "seed": 0, "svd": "exact", "svd_oversample": 10, "svd_niter": 2,
+            **given}
+
+
+def delta(op: str, taus, weights=None, **given) -> torch.Tensor:
+    """What `lors merge` adds to an FFN matrix for ``op`` (the engine's core)."""
+    weights = [1.0] * len(taus) if weights is None else weights
+    out, _ = core.merged_delta(core.PlanEntry(FFN, "ffn", op), taus, weights, params(**given))
+    return out
+
+
+# ---------------------------------------------------------------- references (float64 loops)
+
+def cart_reference(taus, rank: int, weights) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_i w_i LowRank_k(tau_i - mean), mean), mean = sum w_i tau_i / sum w_i."""
+    xs = [t.double() for t in taus]
+    mean = sum(w * x for w, x in zip(weights, xs)) / sum(weights)
+    low_rank = torch.zeros_like(mean)
+    for w, x in zip(weights, xs):
+        u, s, vh = torch.linalg.svd(x - mean)
+        for j in range(rank):
+            low_rank += w * s[j] * torch.outer(u[:, j], vh[j])
+    return low_rank, mean
+
+
+def polar(x: torch.Tensor) -> torch.Tensor:
+    """x (x^T x)^(-1/2): the orthonormal polar factor, here through an eigendecomposition."""
+    values, vectors = torch.linalg.eigh(x.T @ x)
+    return x @ (vectors * values.rsqrt()) @ vectors.T
+
+
+def iso_cts_reference(taus, k: int, per_task: int) -> torch.Tensor:
+    xs = [t.double() for t in taus]
+    u, s, vh = torch.linalg.svd(sum(xs))
+    left = [u[:, j] for j in range(k)]
+    right = [vh[j] for j in range(k)]
+    sigmas = [float(s[j]) for j in range(k)]
+    for x in xs:
+        residual = x.clone()
+        for j in range(k):  # remove the common subspace, one direction at a time
+            residual -= torch.outer(u[:, j], u[:, j] @ x)
+        p, e, qh = torch.linalg.svd(residual)
+        for j in range(per_task):
+            left.append(p[:, j])
+            right.append(qh[j])
+            sigmas.append(float(e[j]))
+    sigma = sum(sigmas) / len(sigmas)
+    return sigma * polar(torch.stack(left, dim=1)) @ polar(torch.stack(right, dim=1)).T
+
+
+def svc_reference(merged, taus, alpha: float) -> torch.Tensor:
+    merged = merged.double()
+    u, s, vh = torch.linalg.svd(merged, full_matrices=False)
+    out = torch.zeros_like(merged)
+    for r in range(len(s)):
+        response = u[:, r] @ merged
+        total = 0.0
+        for tau in taus:
+            own = u[:, r] @ tau.double()
+            norm = float(own @ own)
+            # a response under 1e-4 of the merged one (zero included) does not count
+            acts = norm ** 0.5 > 1e-4 * float(response @ response) ** 0.5
+            coefficient = float(response @ own) / norm if acts else 0.0
+            total += max(alpha, coefficient)
+        out += (len(taus) / total) * s[r] * torch.outer(u[:, r], vh[r])
+    return out
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-4) -> bool:
+    return torch.allclose(actual.double(), expected.double(), atol=atol, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ CART
+
+@pytest.mark.parametrize("rank,weights", [(1, [1.0, 1.0, 1.0]), (5, [1.0, 1.0, 1.0]),
+                                          (3, [0.5, 2.0, 1.0])])
+def test_cart_combine_matches_reference(rank, weights):
+    taus = random_taus(3)
+    low_rank, mean = P.cart_combine(taus, rank, weights, exact=True)
+    expected_low, expected_mean = cart_reference(taus, rank, weights)
+    assert close(mean, expected_mean) and close(low_rank, expected_low)
+
+
+def test_cart_op_is_mean_plus_lambda_times_low_rank_sum():
+    taus = random_taus(3, seed=1)
+    low_rank, mean = cart_reference(taus, 4, [1.0] * 3)
+    for lam in (0.0, 0.6, 1.5):
+        assert close(delta("cart", taus, rank=4, **{"lambda": lam}), mean + lam * low_rank)
+
+
+def test_cart_rank_ratio_and_defaults():
+    config = validate_config({"method": "cart", "experts": [{"name": "a", "path": "x"},
+                                                             {"name": "b", "path": "y"}]})
+    _, resolved, ops = resolve(config)
+    assert resolved["rank_ratio"] == 0.08 and "rank" not in resolved
+    assert resolved["lambda"] == 1.0 and ops["ffn"] == "cart" and ops["bias"] == "average"
+    _, resolved, _ = resolve_method("cart", {"rank": 3}, {}, [1.0, 1.0])
+    assert resolved["rank"] == 3 and "rank_ratio" not in resolved  # a given rank wins
+    taus = random_taus(3, m=20, n=50, seed=2)  # rank_ratio 0.2 of 20 -> rank 4
+    assert close(delta("cart", taus, rank_ratio=0.2), delta("cart", taus, rank=4))
+
+
+@pytest.mark.parametrize("svd", ["exact", "randomized"])
+def test_cart_one_or_identical_experts_give_that_expert_for_any_lambda(svd):
+    tau = random_taus(1, seed=3)[0]
+    for lam in (0.3, 2.0):
+        assert close(delta("cart", [tau], [1.0], rank=3, svd=svd, **{"lambda": lam}), tau)
+        assert close(delta("cart", [tau.clone() for _ in range(3)], rank=3, svd=svd,
+                           **{"lambda": lam}), tau)
+
+
+def test_cart_at_full_rank_is_the_weighted_average_for_any_lambda():
+    # the centred task vectors sum to zero: nothing is left when none of them is truncated
+    taus = random_taus(3, seed=4)
+    weights = [1.0, 3.0, 0.5]
+    average = sum(w * t for w, t in zip(weights, taus)) / sum(weights)
+    for lam in (0.5, 2.0):
+        assert close(delta("cart", taus, weights, rank=24, **{"lambda": lam}), average)
+
+
+def test_cart_does_not_reuse_another_ops_cached_factors():
+    """The search shares one SVD cache across methods: CART's centred matrices must not be
+    served the factors lors cached for the raw task vectors of the same tensor."""
+    taus = random_taus(3, seed=5)
+    entry = core.PlanEntry(FFN, "ffn", "lors")
+    for svd in ("exact", "randomized"):
+        cache: dict = {}
+        core.combine(entry, taus, [1.0] * 3, params(rank=3, keep=0.2, svd=svd), svd_cache=cache)
+        cached, _ = core.combine(core.PlanEntry(FFN, "ffn", "cart"), taus, [1.0] * 3,
+                                 params(rank=3, svd=svd), svd_cache=cache)
+        fresh, _ = core.combine(core.PlanEntry(FFN, "ffn", "cart"), taus, [1.0] * 3,
+                                params(rank=3, svd=svd))
+        assert torch.equal(cached.scaled, fresh.scaled) and torch.equal(cached.fixed, fresh.fixed)
+
+
+# --------------------------------------------------------------------------------- Iso-CTS
+
+@pytest.mark.parametrize("rank,experts,ratio,expected", [
+    (32, 3, 0.8, (26, 2)), (10, 4, 0.5, (6, 1)), (10, 3, 0.0, (1, 3)), (3, 2, 0.0, (1, 1)),
+    (5, 2, 0.5, (1, 2)), (4, 3, 1.0, (4, 0)), (6, 4, 0.5, (2, 1)), (2, 3, 0.0, (2, 0))])
+def test_iso_cts_split_by_hand(rank, experts, ratio, expected):
+    k, per_task = P.iso_cts_split(rank, experts, ratio)
+    assert (k, per_task) == expected and k + experts * per_task == rank and k >= 0
+
+
+@pytest.mark.parametrize("ratio,experts", [(0.8, 3), (0.5, 3), (0.3, 4), (0.0, 2)])
+def test_iso_cts_combine_matches_reference(ratio, experts):
+    taus = random_taus(experts, seed=6)
+    k, per_task = P.iso_cts_split(24, experts, ratio)
+    assert close(P.iso_cts_combine(taus, ratio), iso_cts_reference(taus, k, per_task))
+
+
+def test_iso_cts_op_weights_the_task_matrices_and_scales_by_lambda():
+    taus = random_taus(3, seed=7)
+    weights = [1.0, 0.5, 2.0]
+    expected = 0.7 * P.iso_cts_combine([w * t for w, t in zip(weights, taus)], 0.6)
+    assert close(delta("iso_cts", taus, weights, common_ratio=0.6, **{"lambda": 0.7}), expected)
+    config = validate_config({"method": "iso_cts", "experts": [{"name": "a", "path": "x"}]})
+    _, resolved, ops = resolve(config)
+    assert resolved["common_ratio"] == 0.8 and resolved["lambda"] == 1.0
+    assert ops["ffn"] == "iso_cts" and ops["layer_norm"] == "average"
+
+
+def test_iso_cts_reduces_to_iso_c():
+    taus = random_taus(3, seed=8)
+    # common_ratio 1: no task-specific directions, the whole spectrum of the sum is flattened
+    assert close(P.iso_cts_combine(taus, 1.0), P.iso_c_combine(sum(taus)))
+    # one expert: its residual directions are its own lower singular vectors
+    assert close(P.iso_cts_combine(taus[:1], 0.5), P.iso_c_combine(taus[0]))
+
+
+def test_iso_cts_spectrum_is_flat():
+    out = P.iso_cts_combine(random_taus(4, seed=9), 0.8)
+    s = torch.linalg.svdvals(out)
+    assert torch.allclose(s, s.mean().expand_as(s), rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------- SVC
+
+@pytest.mark.parametrize("alpha,lam", [(0.1, 0.4), (0.5, 0.4), (1.0, 1.0), (0.2, -0.3)])
+def test_svc_matches_reference(alpha, lam):
+    taus = random_taus(3, seed=10)
+    merged = lam * sum(taus)
+    assert close(P.svc_calibrate(merged, taus, alpha), svc_reference(merged, taus, alpha))
+    ties = delta("ties", taus, keep=0.3)  # any merge can be calibrated
+    assert close(P.svc_calibrate(ties, taus, alpha), svc_reference(ties, taus, alpha))
+
+
+def test_svc_zero_response_counts_as_alpha():
+    # two tasks on disjoint blocks (rows 0-1 x columns 0-2, rows 2-3 x columns 3-5): along
+    # each task's singular directions the other's response is zero (up to rounding), so it
+    # counts as alpha (s = 0 clipped up) and gamma = 2 / (1 + alpha) everywhere
+    a, b = torch.zeros(4, 6), torch.zeros(4, 6)
+    g = torch.Generator().manual_seed(13)
+    a[:2, :3], b[2:, 3:] = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
+    for noise in (0.0, 1e-7, -1e-7):  # a rounding-level response does not count either
+        b[:2, :3] = noise * torch.randn(2, 3, generator=g)
+        merged = a + b
+        calibrated = P.svc_calibrate(merged, [a, b], 0.25)
+        assert close(calibrated, svc_reference(merged, [a, b], 0.25))
+        assert close(calibrated, merged * 2 / (1 + 0.25))
+
+
+def test_svc_properties():
+    tau = random_taus(1, seed=11)[0]
+    for alpha in (0.1, 1.0):  # one expert merged as itself: every s = 1, nothing changes
+        assert close(P.svc_calibrate(tau, [tau], alpha), tau)
+    for lam in (0.2, 0.5, 1.0):  # K identical experts summed: s = lambda K, undone exactly
+        assert close(P.svc_calibrate(lam * 3 * tau, [tau] * 3, 0.3), tau)
+    taus = random_taus(3, seed=12)
+    merged = 0.3 * sum(taus)
+    calibrated = torch.linalg.svdvals(P.svc_calibrate(merged, taus, 0.25))
+    original = torch.linalg.svdvals(merged)
+    assert (calibrated <= original / 0.25 + 1e-4).all() and (calibrated > 0).all()
+    assert torch.count_nonzero(P.svc_calibrate(torch.zeros(5, 7), [torch.zeros(5, 7)], 0.5)) == 0
+
+
+def test_zero_task_vectors_give_zero_delta():
+    zeros = [torch.zeros(16, 24) for _ in range(3)]
+    for op, given in (("cart", {"rank": 3}), ("iso_cts", {"common_ratio": 0.8})):
+        assert torch.count_nonzero(delta(op, zeros, **given)) == 0
+
+
+# ------------------------------------------------------------------ configuration and CLI
+
+def raw_config(**extra) -> dict:
+    return {"method": "task_arithmetic", "experts": [{"name": "a", "path": "x"},
+                                                     {"name": "b", "path": "y"}], **extra}
+
+
+def test_method_svc_calibrates_by_default_and_others_only_when_asked():
+    _, resolved, ops = resolve(validate_config(raw_config(method="svc")))
+    assert resolved["calibrate"] == "svc" and resolved["svc_alpha"] == 0.5  # 1/T
+    assert resolved["lambda"] == 0.5 and ops["ffn"] == ops["bias"] == "task_arithmetic"
+    _, resolved, _ = resolve(validate_config(raw_config(method="ties")))
+    assert "calibrate" not in resolved and "svc_alpha" not in resolved
+    _, resolved, _ = resolve(validate_config(raw_config(
+        method="ties", calibrate="svc", parameters={"svc_alpha": 0.3})))
+    assert (resolved["calibrate"], resolved["svc_alpha"]) == ("svc", 0.3)
+    assert set(METHODS) >= {"cart", "iso_cts", "svc"} and CALIBRATIONS == ("svc",)
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"calibrate": "spectral"}, r"unknown calibration 'spectral'; choices: svc"),
+    ({"parameters": {"svc_alpha": 0.2}}, r"svc_alpha .* calibrat"),
+    ({"calibrate": "svc", "parameters": {"svc_alpha": 0.0}}, "svc_alpha"),
+    ({"calibrate": "svc", "groups": {g: "keep_base" for g in MATRIX_GROUPS}},
+     "nothing to calibrate"),
+    ({"parameters": {"common_ratio": 0.5}}, "not used by method"),
+    ({"method": "iso_cts", "parameters": {"common_ratio": 1.5}}, "common_ratio"),
+    ({"method": "cart", "parameters": {"rank": 2, "rank_ratio": 0.1}}, "rank or rank_ratio"),
+    ({"method": "cart", "experts": [{"name": "a", "path": "x", "weight": 1.0},
+                                    {"name": "b", "path": "y", "weight": -1.0}]},
+     "sum of the expert weights"),
+    ({"groups": {"bias": "cart"}}, "2-D"),
+])
+def test_bad_input_is_a_clear_config_error(extra, message):
+    bias = {"model.encoder.layers.0.fc1.bias": SimpleNamespace(dtype=torch.float32, shape=(8,))}
+    with pytest.raises(ConfigError, match=message):
+        _, resolved, ops = resolve(validate_config(raw_config(**extra)))
+        core.plan_entries(bias, ops, resolved)  # what the engine plans before reading weights
+
+
+def test_cli_calibrate_flag(tiny_models, tmp_path, capsys):
+    experts = [f"--expert={n}={p}" for n, p in tiny_models["experts"].items()]
+    common = ["merge", "--base", str(tiny_models["base"]), *experts, "--quiet",
+              "--no-diagnostics"]
+    assert main([*common, "--method", "ties", "--calibrate", "svc",
+                 "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert report["resolved_config"]["parameters"]["calibrate"] == "svc"
+    code = main([*common, "--method", "ties", "--calibrate", "svd", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("lors: error:") and "choices: svc" in err
+    assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------- the engine and the search agree
+
+def engine(tiny, out, method, parameters, calibrate=None) -> dict:
+    raw = {"base": str(tiny["base"]), "method": method, "parameters": parameters,
+           "experts": [{"name": n, "path": str(p)} for n, p in tiny["experts"].items()]}
+    if calibrate:
+        raw["calibrate"] = calibrate
+    merge(validate_config(raw), out, diagnostics=False)
+    return load_state(out)
+
+
+def assert_states_equal(state, reference) -> None:
+    for name, tensor in state.items():
+        torch.testing.assert_close(tensor, reference[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.fixture(scope="module")
+def vectors(tiny_models):
+    from lors.experiment.taskvectors import TaskVectors
+    return TaskVectors(str(tiny_models["base"]),
+                       {n: str(p) for n, p in tiny_models["experts"].items()})
+
+
+def test_calibrated_search_is_computed_per_lambda(tiny_models, vectors, tmp_path):
+    """One SearchDelta scored at several lambdas equals the engine's merge at each: the
+    calibration is redone per lambda, never scaled from another lambda's result."""
+    point = vectors.delta("svc", {"svc_alpha": 0.4})
+    for lam in (0.3, 0.9):
+        assert_states_equal(vectors.state(point, lam),
+                            engine(tiny_models, tmp_path / f"svc{lam}", "svc",
+                                   {"svc_alpha": 0.4, "lambda": lam}))
+
+
+def test_calibrate_on_another_method_matches_the_engine(tiny_models, vectors, tmp_path):
+    point = vectors.delta("ties", {"keep": 0.3}, calibrate="svc")
+    assert_states_equal(vectors.state(point, 0.8),
+                        engine(tiny_models, tmp_path / "ties", "ties",
+                               {"keep": 0.3, "lambda": 0.8}, calibrate="svc"))
+
+
+def test_svc_calibrates_the_matrices_only(tiny_models, vectors):
+    lam = 0.4
+    calibrated = vectors.state(vectors.delta("svc", {}), lam)
+    plain = vectors.state(vectors.delta("task_arithmetic", {}), lam)
+    changed = 0
+    for name, taus in vectors.taus.items():
+        entry = core.PlanEntry(name, core.group_of(name), "task_arithmetic")
+        if entry.group in MATRIX_GROUPS:
+            expected = P.svc_calibrate(lam * sum(taus), taus, 1.0 / len(taus))
+            torch.testing.assert_close(calibrated[name] - vectors.base[name], expected,
+                                       rtol=1e-4, atol=1e-5)
+            changed += not torch.allclose(calibrated[name], plain[name])
+        else:
+            assert torch.equal(calibrated[name], plain[name]), name
+    assert changed > 0
+
+
+def test_cart_at_lambda_zero_is_the_average_merge(vectors):
+    assert_states_equal(vectors.state(vectors.delta("cart", {}), 0.0),
+                        vectors.state(vectors.delta("average", {})))
+    assert all(OPS[op].matrix_only for op in ("cart", "iso_cts"))
