@@ -25,8 +25,11 @@ def test_benchmark_is_the_paper_setting():
     assert config.languages == ["ca", "de", "es", "fr", "it"]
     assert config.tasks == ["asr", "st"]
     assert config.training.mode == "full"
-    assert set(config.baselines) == {"mtl", "sequential"}
-    assert set(config.methods) == set(METHODS)  # every method belongs in the benchmark
+    assert set(config.baselines) == {"mtl", "mtl_plateau", "sequential"}
+    assert config.training.patience and config.training.eval_times
+    # every method belongs in the benchmark, and LoRS with the exact SVD beside the default
+    assert set(METHODS) | {"lors_exact"} == set(config.methods)
+    assert set(config.settings) == {"all", "asr", "st", "multitask"}
 
 
 @pytest.mark.parametrize("path", MERGES, ids=lambda p: p.name)

@@ -30,7 +30,7 @@ def tiny_experiment(tmp_path_factory):
                        "task_arithmetic": {"lambda": [0.5]}, "ties": {"keep": [0.2]},
                        "dare": {"keep": 0.5, "seed": 1}, "magnitude": {}, "svd": {"rank": 2},
                        "tsv": {}, "iso_c": {}, "average": {}, "cart": {}, "iso_cts": {},
-                       "svc": {}},
+                       "svc": {}, "lors_centred": {}},
            "search": {"equal_budget": False, "widen_edges": 0},
            "extensibility": {"language": "fr"}, "out": str(root / "out")}
     path = root / "experiment.yaml"
@@ -146,7 +146,8 @@ def search_vectors(tiny_models):
     ("dare", {"keep": 0.6, "seed": 3}), ("magnitude", {"keep": 0.3}), ("svd", {"rank": 2}),
     ("tsv", {}), ("iso_c", {}), ("average", {}), ("dare_ties", {"keep": 0.6}),
     ("ties", {"keep": 0.3, "scope": "global"}), ("magnitude", {"keep": 0.3, "scope": "global"}),
-    ("lors", {"rank": 3, "keep": 0.2, "svd": "exact"}),
+    ("lors", {"rank": 3, "keep": 0.2, "svd": "exact"}), ("lors_centred", {"rank": 2, "keep": 0.3}),
+    ("lors_exact", {"rank": 2}),
     ("cart", {}), ("cart", {"rank": 2, "svd": "exact"}), ("cart", {"rank_ratio": 0.2}),
     ("iso_cts", {}), ("iso_cts", {"common_ratio": 0.5}), ("svc", {}),
     ("svc", {"svc_alpha": 0.5})])

@@ -366,3 +366,39 @@ def test_cart_at_lambda_zero_is_the_average_merge(vectors):
     assert_states_equal(vectors.state(vectors.delta("cart", {}), 0.0),
                         vectors.state(vectors.delta("average", {})))
     assert all(OPS[op].matrix_only for op in ("cart", "iso_cts"))
+
+
+def test_lors_centred_against_a_loop_reference():
+    """mean + lambda * sum_i LoRS(tau_i - mean), written out by hand in float64."""
+    g = torch.Generator().manual_seed(3)
+    taus = [torch.randn(24, 40, generator=g) for _ in range(3)]
+    weights = [1.0, 0.5, 2.0]
+    pruned, mean = P.lors_centred_combine(taus, 3, 0.25, weights, exact=True)
+    reference_mean = sum(w * t.double() for t, w in zip(taus, weights)) / sum(weights)
+    reference = torch.zeros_like(reference_mean)
+    for tau, w in zip(taus, weights):
+        centred = tau.double() - reference_mean
+        u, s, vh = torch.linalg.svd(centred, full_matrices=False)
+        low = (u[:, :3] * s[:3]) @ vh[:3]
+        residual = centred - low
+        k = int(0.25 * residual.numel())
+        threshold = residual.abs().flatten().kthvalue(residual.numel() - k + 1).values
+        reference += w * (low + residual * (residual.abs() >= threshold))
+    torch.testing.assert_close(mean.double(), reference_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pruned.double(), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_lors_centred_of_identical_experts_is_that_expert():
+    tau = torch.randn(16, 24)
+    pruned, mean = P.lors_centred_combine([tau.clone() for _ in range(3)], 4, 0.2, exact=True)
+    assert pruned.abs().max() < 1e-5 and torch.allclose(mean, tau, atol=1e-6)
+
+
+def test_lors_exact_alias_uses_the_exact_svd_unless_told_otherwise():
+    from lors.merging.config import resolve, validate_config
+    experts = [{"name": "a", "path": "x"}]
+    _, params, _ = resolve(validate_config({"method": "lors_exact", "experts": experts}))
+    assert params["svd"] == "exact"
+    _, params, _ = resolve(validate_config({"method": "lors_exact", "experts": experts,
+                                            "parameters": {"svd": "randomized"}}))
+    assert params["svd"] == "randomized"

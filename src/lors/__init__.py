@@ -5,7 +5,7 @@ line as Python functions (see :mod:`lors.api`). They are imported on first use, 
 ``import lors`` stays light.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["evaluate", "merge", "run_experiment", "train"]
 
 

@@ -11,7 +11,8 @@ from .config import ExperimentConfig, load_experiment
 QUICK = {"data": {"train_per_pair": 8, "dev_per_pair": 2, "test_per_pair": 2},
          "training": {"max_steps": 2, "eval_every": 2},
          "methods": {"lors": {"rank": 4, "keep": 0.2, "lambda": [0.25, 0.5]},
-                     "task_arithmetic": {"lambda": [0.33]}, "ties": {"keep": 0.2, "lambda": 0.5}}}
+                     "task_arithmetic": {"lambda": [0.25, 0.5]},
+                     "ties": {"keep": 0.2, "lambda": [0.5, 1.0]}}}
 """The --quick overrides: the same stages on a handful of sentences (a smoke run)."""
 
 
@@ -28,5 +29,4 @@ def demo_config(quick: bool = False, out: str | None = None,
     raw["out"] = out or "runs/demo-quick"
     if base:
         raw["base"] = base
-    config = ExperimentConfig.model_validate(raw)
-    return config
+    return load_experiment(None, **raw)

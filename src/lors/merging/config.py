@@ -192,8 +192,10 @@ def resolve_method(method: str, parameters: MergeParameters | dict, groups: dict
     for op in ops.values():  # defaults of ops that only a group override brings in
         for key, value in OPS[op].defaults.items():
             params.setdefault(key, value)
-    params.update(implied)
     params.update(parameters.model_dump(by_alias=True, exclude_none=True))
+    # what an alias implies beats the defaults, never a value the user gave
+    explicit = parameters.model_dump(by_alias=True, include=parameters.model_fields_set)
+    params.update({key: value for key, value in implied.items() if key not in explicit})
     if "lambda" not in given:
         default = OPS[spec.matrix_op].lambda_default(params)
         params["lambda"] = 1.0 / len(weights) if default == "1/T" else float(default)

@@ -154,10 +154,20 @@ def _tsv(taus: Sequence[Tensor], ctx: OpContext) -> Tensor:
 
 
 def _cart(taus: Sequence[Tensor], ctx: OpContext) -> tuple[Tensor, Tensor]:
-    # The centred matrices depend on every expert and weight: both are in the cache key.
-    tag = ("cart-centred", tuple(ctx.weights))
     return P.cart_combine(taus, ctx.rank_for(taus[0].shape), ctx.weights,
-                          factors=lambda i, centred: ctx.factors(i, centred, tag))
+                          factors=_centred_factors(ctx))
+
+
+def _lors_centred(taus: Sequence[Tensor], ctx: OpContext) -> tuple[Tensor, Tensor]:
+    return P.lors_centred_combine(taus, ctx.rank_for(taus[0].shape), ctx.params["keep"],
+                                  ctx.weights, factors=_centred_factors(ctx))
+
+
+def _centred_factors(ctx: OpContext):
+    # The centred matrices depend on every expert and weight: both are in the cache key (and
+    # CART and lors_centred decompose the same matrices, so a search shares them).
+    tag = ("centred", tuple(ctx.weights))
+    return lambda i, centred: ctx.factors(i, centred, tag)
 
 
 def _iso_cts(taus: Sequence[Tensor], ctx: OpContext) -> Tensor:
@@ -223,6 +233,10 @@ OPS: dict[str, OpSpec] = {
     # the paper's recommendation
     "cart": _spec(_cart, {"lambda", "rank", "rank_ratio", *SVD_PARAMETERS},
                   {"rank_ratio": 0.08}, matrix_only=True, default_lambda=1.0, split=True),
+    "lors_centred": _spec(_lors_centred, {"lambda", "rank", "rank_ratio", "keep",
+                                          *SVD_PARAMETERS},
+                          {"rank": 7, "keep": 0.2}, matrix_only=True, default_lambda=1.0,
+                          split=True),
     "iso_cts": _spec(_iso_cts, {"lambda", "common_ratio"}, {"common_ratio": 0.8},
                      matrix_only=True, default_lambda=1.0),
     "keep_base": _spec(lambda taus, ctx: torch.zeros_like(taus[0]), set(), lambda_scaled=False,
@@ -260,6 +274,8 @@ METHODS: dict[str, MethodSpec] = {
     "tsv": MethodSpec("TSV-Merge: per-task top 1/T singular triplets, orthogonalised",
                       "tsv", "average"),
     "iso_c": MethodSpec("Iso-C: isotropic spectrum of the summed task matrix", "iso_c", "average"),
+    "lors_centred": MethodSpec("lors' variant: mean + lambda * sum of LoRS-pruned centred task "
+                               "vectors (shared direction added once)", "lors_centred", "average"),
     "cart": MethodSpec("CART: weight average + lambda * sum of rank-k centred task vectors",
                        "cart", "average"),
     "iso_cts": MethodSpec("Iso-CTS: isotropic spectrum on common + task-specific subspaces",
@@ -268,7 +284,8 @@ METHODS: dict[str, MethodSpec] = {
                       "task_arithmetic", "task_arithmetic", calibrate="svc"),
 }
 CALIBRATIONS = ("svc",)  # post-steps on the merged 2-D matrices (config field ``calibrate``)
-METHOD_ALIASES = {"dare_linear": ("dare", {"dare_combine": "linear"}),
+METHOD_ALIASES = {"lors_exact": ("lors", {"svd": "exact"}),
+                  "dare_linear": ("dare", {"dare_combine": "linear"}),
                   "dare_ties": ("dare", {"dare_combine": "ties"}), "ta": ("task_arithmetic", {})}
 
 

@@ -195,6 +195,38 @@ def iso_c_combine(summed: Tensor) -> Tensor:
 Factors = Callable[[int, Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
+def weighted_mean(task_matrices: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """sum_i w_i tau_i / sum_i w_i, a new tensor (the inputs are not modified)."""
+    mean = torch.zeros_like(task_matrices[0])
+    for tau, weight in zip(task_matrices, weights):
+        mean.add_(tau, alpha=weight)
+    return mean.div_(sum(weights))
+
+
+def lors_centred_combine(task_matrices: Sequence[Tensor], rank: int, keep: float,
+                         weights: Sequence[float] | None = None, *,
+                         factors: Factors | None = None, **svd_options) -> tuple[Tensor, Tensor]:
+    """LoRS on centred task vectors (lors' own variant, ``lors_centred``), split into the part
+    lambda scales and the part it does not: returns (pruned sum, mean).
+
+    mean = sum_i w_i tau_i / sum_i w_i; c_i = tau_i - mean; pruned sum = sum_i w_i P(c_i) with
+    P = :func:`lors_prune` at ``rank`` and ``keep`` (rank-r part + top-k of its residual). The
+    merge is theta_0 + mean + lambda * pruned sum: the direction all experts share is added
+    once, instead of T times with every expert's copy scaled down by one lambda as in LoRS,
+    and LoRS prunes only what is specific to each expert. ``factors(i, c_i)``, when given,
+    returns c_i's top-``rank`` triplets (a cache); else :func:`truncated_svd` with
+    ``svd_options``. The inputs are not modified.
+    """
+    weights = [1.0] * len(task_matrices) if weights is None else list(weights)
+    mean = weighted_mean(task_matrices, weights)
+    pruned = torch.zeros_like(mean)
+    for i, (tau, weight) in enumerate(zip(task_matrices, weights)):
+        centred = tau - mean
+        given = factors(i, centred) if factors else None
+        pruned.add_(lors_prune(centred, rank, keep, factors=given, **svd_options), alpha=weight)
+    return pruned, mean
+
+
 def cart_combine(task_matrices: Sequence[Tensor], rank: int,
                  weights: Sequence[float] | None = None, *, factors: Factors | None = None,
                  **svd_options) -> tuple[Tensor, Tensor]:
@@ -209,10 +241,7 @@ def cart_combine(task_matrices: Sequence[Tensor], rank: int,
     a cache); else :func:`truncated_svd` with ``svd_options``. The inputs are not modified.
     """
     weights = [1.0] * len(task_matrices) if weights is None else list(weights)
-    mean = torch.zeros_like(task_matrices[0])
-    for tau, weight in zip(task_matrices, weights):
-        mean.add_(tau, alpha=weight)
-    mean.div_(sum(weights))
+    mean = weighted_mean(task_matrices, weights)
     low_rank = torch.zeros_like(mean)
     for i, (tau, weight) in enumerate(zip(task_matrices, weights)):
         centred = tau - mean
