@@ -15,9 +15,9 @@ import torch
 from ..evaluation.decode import Decoder, reference
 from ..evaluation.evaluate import score
 from ..training.batching import tokenize_pairs
-from ..training.data import PairData, window_positions
+from ..training.data import PairData
 from ..training.dev import pair_token_accuracies
-from ..training.inputs import log_mel
+from ..training.inputs import clip_features
 from ..training.modes import load_whisper
 from .normalised import normalised_performance
 
@@ -30,15 +30,14 @@ class DevScorer:
         self.whisper.to("cuda" if torch.cuda.is_available() else "cpu")
         self.metric, self.pairs = metric, pairs
         self.data = [PairData(language, task, [], utts) for (language, task), utts in pairs.items()]
-        extractor = self.processor.feature_extractor
-        longest = max(u.duration for utts in pairs.values() for u in utts)
-        self.positions = window_positions(longest, self.whisper.config.max_source_positions,
-                                          extractor.hop_length)
         self.examples = tokenize_pairs(self.processor.tokenizer, self.data,
                                        self.whisper.config.max_target_positions)
         if metric == "token-accuracy":
+            # each clip on its own window, as training's dev checks and evaluation use it
             everything = {u.id: u for utts in pairs.values() for u in utts}
-            self.features = log_mel(extractor, list(everything.values()), self.positions)
+            self.features = clip_features(self.processor.feature_extractor,
+                                          list(everything.values()),
+                                          self.whisper.config.max_source_positions)
         tokenizer = self.processor.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -59,7 +58,7 @@ class DevScorer:
         out = {}
         if self.metric == "token-accuracy":
             values = pair_token_accuracies(self.whisper, self.whisper, self.examples,
-                                           self.features, self.positions, False, self.pad_id,
+                                           self.features, None, False, self.pad_id,
                                            next(self.whisper.parameters()).device)
             for pair, value in zip(self.pairs, values):
                 out[pair] = {"language": pair[0], "task": pair[1], "accuracy": value}

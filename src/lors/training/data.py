@@ -12,11 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ..data.audio import SAMPLE_RATE
 from ..data.manifest import Utterance
 from ..errors import LorsError
 from ..evaluation.decode import check_references
-from ..evaluation.window import window_for
 
 Pair = tuple[str, str]
 """(language, task), e.g. ``("de", "asr")``."""
@@ -102,14 +100,6 @@ def _check_utterance(utt: Utterance, task: str, source: str, max_seconds: float)
     if utt.duration > max_seconds:
         raise LorsError(f"utterance {utt.id!r} in {source} is {utt.duration:.1f} s long; Whisper "
                         f"takes at most {max_seconds:g} s. Split or drop it")
-
-
-def window_positions(longest_seconds: float, full_positions: int, hop_length: int) -> int:
-    """Encoder positions of one window for a set of clips: evaluation's automatic window for
-    the longest, capped at the full window. (Training picks one per batch instead, see
-    ``inputs.clip_positions``.)"""
-    return window_for(round(longest_seconds * SAMPLE_RATE), None, full_positions,
-                      hop_length).positions
 
 
 def disjoint_training(utterances: Sequence[Utterance], languages: Sequence[str], source: str,
