@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from lors.cli import main
+from lors.merging.config import lambda_selectors
 from lors.merging.groups import GROUPS, MATRIX_GROUPS
 from lors.merging.methods import METHOD_ALIASES, METHODS, OPS, method_defaults
 
@@ -34,6 +35,9 @@ PARAMETER_VALUES = {
     "dare_combine": st.sampled_from(["linear", "ties"]),
     "seed": st.integers(0, 2**31 - 1),
     "svd": st.sampled_from(["randomized", "exact"]),
+    "common_ratio": st.floats(0.0, 1.0),
+    "lambdas": st.dictionaries(st.sampled_from(lambda_selectors()),
+                               st.floats(-0.5, 2.0, allow_nan=False), max_size=3),
 }
 
 
@@ -52,9 +56,18 @@ def valid_configs(draw, experts: dict[str, Path], base: Path) -> dict:
     if "rank" in chosen and "rank_ratio" in chosen:
         chosen.remove("rank_ratio")
     params = {key: draw(PARAMETER_VALUES[key]) for key in chosen}
+    if "lambda" in readable and draw(st.booleans()):
+        params["lambdas"] = draw(PARAMETER_VALUES["lambdas"])
+    calibrate = None
+    matrix_ops = {groups.get(g, spec.op_for_group(g)) for g in MATRIX_GROUPS}
+    if matrix_ops != {"keep_base"} and draw(st.booleans()):
+        calibrate = "svc"
+        if draw(st.booleans()):
+            params["svc_alpha"] = draw(st.floats(0.05, 2.0))
     names = draw(st.lists(st.sampled_from(sorted(experts)), min_size=1, unique=True))
     weights = [draw(st.floats(0.1, 2.0)) for _ in names]
     return {"base": str(base), "method": method, "parameters": params, "groups": groups,
+            **({"calibrate": calibrate} if calibrate else {}),
             "experts": [{"name": n, "path": str(experts[n]), "weight": w}
                         for n, w in zip(names, weights)]}
 
