@@ -146,7 +146,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from .data.synth import synthesize
     manifest = synthesize(args.languages, args.splits, Path(args.out),
                           limit_per_split=args.limit, jobs=args.jobs,
-                          show_progress=not args.quiet)
+                          show_progress=not args.quiet,
+                          augment={"noise_snr": args.noise_snr,
+                                   "reverb_rt60": args.reverb_rt60})
     print(f"manifest: {manifest}")
     return 0
 
@@ -283,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder (manifest.jsonl is written there)")
     s.add_argument("--limit", type=int, help="at most this many sentences per split")
     s.add_argument("--jobs", type=int, help="parallel espeak-ng processes (default: CPU count)")
+    s.add_argument("--noise-snr", dest="noise_snr", metavar="LO,HI",
+                   help="add white, pink or brown noise at an SNR drawn per clip from LO..HI "
+                        "dB (seeded by the utterance id; negative: --noise-snr=-5,10)")
+    s.add_argument("--reverb-rt60", dest="reverb_rt60", metavar="LO,HI",
+                   help="reverberate each clip with a synthetic room response, RT60 drawn "
+                        "per clip from LO..HI seconds (seeded by the utterance id)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_synth)
 

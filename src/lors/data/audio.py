@@ -1,4 +1,6 @@
-"""Audio input/output: decode any clip to 16 kHz mono float32, write 16-bit WAVs atomically.
+"""Audio input/output: decode any clip to 16 kHz mono float32, write 16-bit WAVs atomically;
+seeded degradation helpers (coloured noise, synthetic room impulse responses, peak
+normalisation) for synthetic speech.
 
 Decoding uses soundfile (libsndfile). The libsndfile this project is tested with (1.2.2,
 soundfile 0.14) reads WAV, FLAC, OGG/Vorbis and MP3; older libsndfile builds (< 1.1) cannot
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from scipy.signal import resample_poly
+from scipy.signal import fftconvolve, resample_poly
 
 from ..errors import LorsError
 from ..fsutil import atomic_file
@@ -127,12 +129,108 @@ def load_audio(path: str | Path, sampling_rate: int = SAMPLE_RATE) -> np.ndarray
     return resample(mono, rate, sampling_rate)
 
 
-def write_wav(path: str | Path, samples: np.ndarray, rate: int = SAMPLE_RATE) -> None:
+def write_wav(path: str | Path, samples: np.ndarray, rate: int = SAMPLE_RATE,
+              comment: str | None = None) -> None:
     """Write mono (1-D) or ``(frames, channels)`` float ``samples`` as 16-bit PCM WAV, atomically.
 
     Values are clipped to [-1, 1] first, because libsndfile would otherwise wrap overflowing
-    samples around. The file appears under ``path`` only once it is complete.
+    samples around. The file appears under ``path`` only once it is complete. ``comment``
+    (ASCII) is stored in a ``LIST/INFO`` chunk before the audio and read back with
+    :func:`wav_comment`.
     """
     data = np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0)
     with atomic_file(Path(path), "wb") as handle:
-        sf.write(handle, data, int(rate), subtype="PCM_16", format="WAV")
+        if comment is None:
+            sf.write(handle, data, int(rate), subtype="PCM_16", format="WAV")
+            return
+        channels = 1 if data.ndim == 1 else data.shape[1]
+        with sf.SoundFile(handle, "w", int(rate), channels, "PCM_16", format="WAV") as out:
+            out.comment = comment  # set before any frame, so it precedes the data chunk
+            out.write(data)
+
+
+def wav_comment(path: str | Path) -> str | None:
+    """The INFO comment :func:`write_wav` stored in ``path``, None if it has none or is
+    unreadable."""
+    try:
+        with sf.SoundFile(str(path)) as handle:
+            return handle.comment or None
+    except (OSError, RuntimeError, sf.SoundFileError):
+        return None
+
+
+# --- degradation: all functions are pure given their random generator -------------------
+
+NOISE_COLOURS = ("white", "pink", "brown")
+_COLOUR_EXPONENT = {"white": 0.0, "pink": 1.0, "brown": 2.0}  # power spectrum ~ 1 / f**x
+_COLOUR_FLOOR_HZ = 50.0  # coloured noise is flat below this: no inaudible sub-bass rumble
+PEAK = 10 ** (-1 / 20)  # degraded speech is peak-normalised to -1 dBFS: never clips
+
+
+def coloured_noise(length: int, colour: str, rng: np.random.Generator,
+                   rate: int = SAMPLE_RATE) -> np.ndarray:
+    """``length`` samples of zero-mean noise with unit RMS (float64).
+
+    ``white`` is flat; ``pink`` (1/f) and ``brown`` (1/f^2) shape white Gaussian noise in the
+    frequency domain, flat below 50 Hz and without a DC component.
+    """
+    if colour not in _COLOUR_EXPONENT:
+        raise LorsError(f"unknown noise colour {colour!r}; choose from {', '.join(NOISE_COLOURS)}")
+    noise = rng.standard_normal(length)
+    exponent = _COLOUR_EXPONENT[colour]
+    if exponent and length > 1:
+        spectrum = np.fft.rfft(noise)
+        freqs = np.maximum(np.fft.rfftfreq(length, 1.0 / rate), _COLOUR_FLOOR_HZ)
+        spectrum *= freqs ** (-exponent / 2)
+        spectrum[0] = 0.0
+        noise = np.fft.irfft(spectrum, length)
+    noise = noise - noise.mean()
+    rms = np.sqrt(np.mean(noise ** 2)) if length else 0.0
+    return noise / rms if rms > 0 else noise
+
+
+def room_impulse_response(rt60: float, rng: np.random.Generator,
+                          rate: int = SAMPLE_RATE) -> np.ndarray:
+    """A synthetic room impulse response with reverberation time ``rt60`` seconds (float64).
+
+    A direct-path impulse followed by Gaussian noise under an exponential envelope whose
+    energy falls by 60 dB after ``rt60`` seconds, where the response ends; the tail carries
+    as much energy as the direct path, and the whole response has unit energy.
+    """
+    if not (rt60 > 0 and math.isfinite(rt60)):
+        raise LorsError(f"RT60 must be a positive number of seconds, got {rt60!r}")
+    length = max(2, int(round(rt60 * rate)))
+    t = np.arange(length) / rate
+    tail = rng.standard_normal(length) * 10 ** (-3 * t / rt60)  # amplitude: -60 dB at rt60
+    tail[0] = 0.0
+    tail *= 1.0 / np.sqrt(np.sum(tail ** 2))
+    rir = tail
+    rir[0] = 1.0
+    return rir / np.sqrt(2.0)
+
+
+def reverberate(samples: np.ndarray, rir: np.ndarray) -> np.ndarray:
+    """``samples`` convolved with ``rir``: the full convolution, so the reverberant tail
+    past the end of the dry signal is kept (``len(samples) + len(rir) - 1`` samples)."""
+    return fftconvolve(np.asarray(samples, dtype=np.float64), rir, mode="full")
+
+
+def add_noise(samples: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
+    """``samples`` plus ``noise`` scaled so that the mean power of ``samples`` over the mean
+    power of the added noise, over the whole clip, is exactly ``snr_db`` decibels."""
+    samples = np.asarray(samples, dtype=np.float64)
+    if len(noise) != len(samples):
+        raise ValueError("noise and samples differ in length")
+    signal_power = np.mean(samples ** 2)
+    noise_power = np.mean(np.asarray(noise, dtype=np.float64) ** 2)
+    if signal_power == 0 or noise_power == 0:
+        return samples.copy()
+    gain = np.sqrt(signal_power / (noise_power * 10 ** (snr_db / 10)))
+    return samples + gain * noise
+
+
+def peak_normalise(samples: np.ndarray, peak: float = PEAK) -> np.ndarray:
+    """``samples`` scaled so the largest magnitude is ``peak`` (silence stays silence)."""
+    samples = np.asarray(samples, dtype=np.float64)
+    top = np.max(np.abs(samples)) if samples.size else 0.0
+    return samples * (peak / top) if top > 0 else samples.copy()

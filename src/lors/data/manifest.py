@@ -1,7 +1,9 @@
 """Utterance manifests: one JSON object per line describing a clip and its references.
 
-Each line holds exactly the fields ``id, language, split, audio, duration, transcript,
-translation, voice``. ``audio`` is written relative to the manifest's folder when the clip
+Each line holds the fields ``id, language, split, audio, duration, transcript,
+translation, voice``, then, only for degraded synthetic speech, the optional
+:data:`OPTIONAL_FIELDS` ``noise_snr`` (dB) and ``reverb_rt60`` (seconds); manifests without
+them read as before. ``audio`` is written relative to the manifest's folder when the clip
 lies inside it (so a synthesised corpus can be moved as a whole) and absolute otherwise; on
 load it is resolved back to an absolute path.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -19,6 +21,7 @@ from ..errors import LorsError
 from ..fsutil import atomic_file
 
 FIELDS = ("id", "language", "split", "audio", "duration", "transcript", "translation", "voice")
+OPTIONAL_FIELDS = ("noise_snr", "reverb_rt60")  # written only when set
 _REQUIRED = ("id", "language", "split", "audio", "duration", "transcript")
 
 
@@ -28,7 +31,8 @@ class Utterance:
 
     ``transcript`` is the text in ``language`` (the ASR reference); ``translation`` is the
     English text (the ST reference), None for ASR-only corpora; ``voice`` names the espeak-ng
-    voice of synthetic speech and is None for recorded speech.
+    voice of synthetic speech and is None for recorded speech. ``noise_snr`` (dB) and
+    ``reverb_rt60`` (s) are the degradation applied to synthetic speech, None when none was.
     """
 
     id: str
@@ -39,6 +43,8 @@ class Utterance:
     transcript: str
     translation: str | None = None
     voice: str | None = None
+    noise_snr: float | None = None
+    reverb_rt60: float | None = None
 
 
 def _relative_audio(audio: str, folder: Path) -> str:
@@ -67,7 +73,8 @@ def write_manifest(path: str | Path, utterances: Iterable[Utterance]) -> Path:
         record = asdict(utt)
         record["audio"] = _relative_audio(utt.audio, folder)
         record["duration"] = float(utt.duration)
-        lines.append(json.dumps({key: record[key] for key in FIELDS}, ensure_ascii=False))
+        keys = FIELDS + tuple(key for key in OPTIONAL_FIELDS if record[key] is not None)
+        lines.append(json.dumps({key: record[key] for key in keys}, ensure_ascii=False))
     with atomic_file(path, "w", encoding="utf-8") as handle:
         handle.write("".join(line + "\n" for line in lines))
     return path
@@ -88,6 +95,11 @@ def _check_record(record: Any, where: str) -> None:
     for key in ("translation", "voice"):
         if record.get(key) is not None and not isinstance(record[key], str):
             raise LorsError(f"{where}: field {key!r} must be a string or null")
+    for key in OPTIONAL_FIELDS:
+        value = record.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise LorsError(f"{where}: field {key!r} must be a number or null")
     duration = record["duration"]
     if isinstance(duration, bool) or not isinstance(duration, (int, float)) \
             or not math.isfinite(duration) or duration < 0:
@@ -98,9 +110,9 @@ def read_manifest(path: str | Path) -> list[Utterance]:
     """Read a JSONL manifest written by :func:`write_manifest` (or by hand).
 
     Blank lines are ignored; relative ``audio`` paths are resolved against the manifest's
-    folder; fields other than :data:`FIELDS` are ignored. Raises :class:`LorsError` naming
-    the file and line for invalid JSON, missing or mistyped fields, an empty transcript or
-    duplicate ids, and for a manifest with no utterances.
+    folder; fields other than :data:`FIELDS` and :data:`OPTIONAL_FIELDS` are ignored.
+    Raises :class:`LorsError` naming the file and line for invalid JSON, missing or mistyped
+    fields, an empty transcript or duplicate ids, and for a manifest with no utterances.
     """
     path = Path(path)
     try:
@@ -123,9 +135,12 @@ def read_manifest(path: str | Path) -> list[Utterance]:
             raise LorsError(f"{where}: duplicate id {record['id']!r} "
                             f"(first on line {seen[record['id']]})")
         seen[record["id"]] = number
-        record = {key: record.get(key) for key in FIELDS}
+        record = {key: record.get(key) for key in FIELDS + OPTIONAL_FIELDS}
         record["audio"] = str(folder / record["audio"])  # absolute paths pass unchanged
         record["duration"] = float(record["duration"])
+        for key in OPTIONAL_FIELDS:
+            if record[key] is not None:
+                record[key] = float(record[key])
         utterances.append(Utterance(**record))
     if not utterances:
         raise LorsError(f"manifest {path} holds no utterances; re-create it")
@@ -135,7 +150,8 @@ def read_manifest(path: str | Path) -> list[Utterance]:
 def to_hf_dataset(source: str | Path | Sequence[Utterance], cast_audio: bool = False):
     """Return a Hugging Face ``datasets.Dataset`` with one row per utterance.
 
-    ``source`` is a manifest path or a list of utterances. Columns are the manifest fields;
+    ``source`` is a manifest path or a list of utterances. Columns are the manifest fields
+    (:data:`FIELDS`, then those :data:`OPTIONAL_FIELDS` any utterance has);
     ``audio`` holds absolute path strings. With ``cast_audio=True`` the column is cast to
     ``datasets.Audio(sampling_rate=16000)``: the cast itself works offline, but *reading* a
     row then needs the ``torchcodec`` package in datasets >= 4, which lors does not
@@ -145,11 +161,13 @@ def to_hf_dataset(source: str | Path | Sequence[Utterance], cast_audio: bool = F
     import datasets  # lazy: only evaluation and training code needs it
 
     utterances = read_manifest(source) if isinstance(source, (str, Path)) else list(source)
-    columns = {name.name: [getattr(utt, name.name) for utt in utterances]
-               for name in fields(Utterance)}
+    keys = FIELDS + tuple(key for key in OPTIONAL_FIELDS
+                          if any(getattr(utt, key) is not None for utt in utterances))
+    columns = {key: [getattr(utt, key) for utt in utterances] for key in keys}
     columns["audio"] = [os.path.abspath(audio) for audio in columns["audio"]]
     features = datasets.Features({
-        key: datasets.Value("float64" if key == "duration" else "string") for key in FIELDS
+        key: datasets.Value("string" if key in FIELDS and key != "duration" else "float64")
+        for key in keys
     })
     dataset = datasets.Dataset.from_dict(columns, features=features)
     if cast_audio:

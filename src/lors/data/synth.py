@@ -5,49 +5,76 @@ Layout of an output folder::
     out_dir/<lang>/<split>/<sid>.wav    16 kHz mono 16-bit PCM
     out_dir/manifest.jsonl              one Utterance per rendered (sentence, language)
 
-Speaker variety comes from espeak-ng voice variants, rates, pitches and word gaps. Dev and
-test use variants never used in train, so evaluation measures generalisation to unseen
-voices. Every choice is a seeded hash of (sentence id, language): re-runs are reproducible.
+Speaker variety comes from espeak-ng voice variants (formant voices ``m*``/``f*``, Klatt
+voices and named variants), rates, pitches and word gaps. Dev and test use variants, rates
+and pitches never used in train, so evaluation measures generalisation to unseen voices.
+Every choice is a seeded hash of (sentence id, language): re-runs are reproducible.
+
+Optional degradation (:class:`Augmentation`), a post-step on the rendered audio before it is
+written: reverberation with a synthetic room impulse response (RT60 drawn from a range) and
+additive white, pink or brown noise at an SNR drawn from a range, then peak normalisation
+to -1 dBFS. Every draw and every noise sample is seeded by the utterance id. The applied
+values go to the manifest (``noise_snr``, ``reverb_rt60``).
+
+Each WAV carries its render key (:func:`render_key`: render version, voice settings and
+degradation) in its INFO comment. A re-run keeps a finished WAV only when its key is the
+current one, so a changed voice plan or degradation re-renders instead of silently reusing
+stale audio, while a killed run still resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
 from ..errors import LorsError
 from ..names import name_list
-from .audio import SAMPLE_RATE, is_valid_wav, resample, write_wav
+from .audio import (NOISE_COLOURS, SAMPLE_RATE, add_noise, coloured_noise, is_valid_wav,
+                    peak_normalise, resample, reverberate, room_impulse_response, write_wav)
 from .manifest import Utterance, write_manifest
 
+# "fr", not "fr-fr": espeak-ng 1.51 ignores a variant after "fr-fr" (fr-fr+f3 is fr-fr).
 ESPEAK_VOICES: dict[str, str] = {
-    "ca": "ca", "de": "de", "en": "en", "es": "es", "fr": "fr-fr", "id": "id", "it": "it",
+    "ca": "ca", "de": "de", "en": "en", "es": "es", "fr": "fr", "id": "id", "it": "it",
     "nl": "nl", "pt": "pt", "ru": "ru", "sv": "sv",
 }
 
 INSTALL_HINT = ("install it with `sudo apt-get install espeak-ng` "
                 "(or `apt-get install espeak-ng` as root)")
 
-# Train and held-out (dev/test) variants are disjoint by construction: see voice_plan().
-TRAIN_VARIANTS = ("m1", "m3", "f2", "f4")
-HELDOUT_VARIANTS = ("m7", "f3")
-TRAIN_RATES = (120, 130, 140, 150)
-HELDOUT_RATES = (125, 135)
-TRAIN_PITCHES = (35, 45, 55, 65)
-HELDOUT_PITCHES = (40, 50, 60)
-GAPS = (3, 4, 5)
-SEED = "lors-synth-v1"
+# Train and held-out (dev/test) variants, rates and pitches are disjoint by construction: see
+# voice_plan(). Variants are espeak-ng's (`espeak-ng --voices=variant`), each checked to
+# change the voice of every language in ESPEAK_VOICES; both sets mix male and female
+# formant voices, Klatt voices and named variants.
+TRAIN_VARIANTS = ("m1", "m2", "m3", "m4", "m6", "m8", "f1", "f2", "f4", "klatt", "klatt3",
+                  "klatt5", "Annie", "linda", "paul", "robert", "michel", "steph")
+HELDOUT_VARIANTS = ("m5", "m7", "f3", "f5", "klatt2", "klatt4", "belinda", "Gene", "travis")
+TRAIN_RATES = (110, 120, 130, 140, 150, 160, 170, 180)  # words per minute
+HELDOUT_RATES = (115, 125, 135, 145, 155, 165, 175)
+TRAIN_PITCHES = (20, 30, 40, 50, 60, 70, 80)  # espeak-ng -p, 0-99
+HELDOUT_PITCHES = (25, 35, 45, 55, 65, 75)
+GAPS = (1, 2, 3, 4, 5, 6)  # extra pause between words, 10 ms units
+SEED = "lors-synth-v2"
+# Part of every WAV's render key: bump it when the same settings would render other audio
+# (a new resampler, another degradation recipe), so older renders are not reused.
+RENDER_VERSION = "lors-synth-v2"
 ESPEAK_TIMEOUT_S = 120
+
+# Accepted ranges of the degradation settings.
+SNR_LIMITS = (-20.0, 80.0)  # dB
+RT60_LIMITS = (0.05, 3.0)  # seconds
 
 
 @dataclass(frozen=True)
@@ -81,8 +108,7 @@ def espeak_voice(language: str) -> str:
 
 def _pick(options: Sequence, sid: str, language: str, what: str):
     """Choose one of ``options`` by a seeded SHA-256 of (sid, language, what)."""
-    digest = hashlib.sha256(f"{SEED}\0{sid}\0{language}\0{what}".encode()).digest()
-    return options[int.from_bytes(digest[:8], "big") % len(options)]
+    return options[_seed(sid, language, what) % len(options)]
 
 
 def voice_plan(sid: str, language: str, split: str) -> VoicePlan:
@@ -98,6 +124,152 @@ def voice_plan(sid: str, language: str, split: str) -> VoicePlan:
     return VoicePlan(f"{espeak_voice(language)}+{variant}", rate, pitch, gap)
 
 
+def _seed(*parts: str) -> int:
+    """A 64-bit seed from a SHA-256 of :data:`SEED` and ``parts``."""
+    digest = hashlib.sha256("\0".join((SEED, *parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def _range(value: Any, name: str, limits: tuple[float, float], unit: str,
+           example: str) -> tuple[float, float] | None:
+    """``value`` ("LO,HI", "X", [lo, hi] or a number) as a checked (lo, hi); None stays None."""
+    if value is None:
+        return None
+    example = f"e.g. {name} {example}"
+    if isinstance(value, str):
+        parts: list = [part.strip() for part in value.split(",")]
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        parts = [value]
+    try:
+        if len(parts) not in (1, 2) or any(isinstance(p, bool) for p in parts):
+            raise ValueError
+        lo, hi = float(parts[0]), float(parts[-1])
+    except (TypeError, ValueError):
+        raise LorsError(f"{name} expects LO,HI (two numbers in {unit}), got {value!r}; "
+                        f"{example}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi \
+            or lo < limits[0] or hi > limits[1]:
+        raise LorsError(f"{name} {lo:g},{hi:g} is not a range LO <= HI within "
+                        f"{limits[0]:g}..{limits[1]:g} {unit}; {example}")
+    return (lo, hi)
+
+
+@dataclass(frozen=True)
+class Degradation:
+    """The degradation drawn for one utterance: None fields are not applied."""
+
+    utterance_id: str
+    noise_snr: float | None = None  # dB, rounded to 0.1
+    noise_colour: str | None = None
+    reverb_rt60: float | None = None  # seconds, rounded to 0.01
+
+    @property
+    def label(self) -> str:
+        """The applied settings, e.g. ``rt60 0.45 s, pink noise 12.3 dB SNR``."""
+        parts = []
+        if self.reverb_rt60 is not None:
+            parts.append(f"rt60 {self.reverb_rt60:g} s")
+        if self.noise_snr is not None:
+            parts.append(f"{self.noise_colour} noise {self.noise_snr:g} dB SNR")
+        return ", ".join(parts) or "clean"
+
+    def apply(self, audio: np.ndarray) -> np.ndarray:
+        """Reverberate, add noise and peak-normalise ``audio`` (float32 out, never clipping).
+
+        The room response and the noise come from their own seeded generators, so the same
+        utterance gets the same room with or without noise and the same noise with or
+        without reverberation. The SNR is measured against the (reverberant) speech over
+        the whole clip; normalisation scales speech and noise alike, keeping it.
+        """
+        samples = np.asarray(audio, dtype=np.float64)
+        if self.reverb_rt60 is not None:
+            rng = np.random.default_rng(_seed(self.utterance_id, "rir"))
+            samples = reverberate(samples, room_impulse_response(self.reverb_rt60, rng))
+        if self.noise_snr is not None:
+            rng = np.random.default_rng(_seed(self.utterance_id, "noise"))
+            noise = coloured_noise(len(samples), self.noise_colour, rng)
+            samples = add_noise(samples, noise, self.noise_snr)
+        return peak_normalise(samples).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Optional seeded degradation of synthetic speech.
+
+    ``noise_snr`` (dB) and ``reverb_rt60`` (seconds) are (lo, hi) ranges; per utterance a
+    value is drawn uniformly from each set range (and a noise colour from white, pink and
+    brown), seeded by the utterance id. Neither set: clean speech.
+    """
+
+    noise_snr: tuple[float, float] | None = None
+    reverb_rt60: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "noise_snr", _range(self.noise_snr, "noise_snr",
+                                                     SNR_LIMITS, "dB", "5,30"))
+        object.__setattr__(self, "reverb_rt60", _range(self.reverb_rt60, "reverb_rt60",
+                                                       RT60_LIMITS, "s", "0.2,0.8"))
+
+    @classmethod
+    def coerce(cls, value: "Augmentation | Mapping[str, Any] | None") -> "Augmentation":
+        """An Augmentation from itself, None (clean) or a mapping such as
+        ``{"noise_snr": "5,20", "reverb_rt60": [0.2, 0.8]}`` (None values are unset)."""
+        if value is None or isinstance(value, Augmentation):
+            return value or cls()
+        if not isinstance(value, Mapping):
+            raise LorsError("augment must be a mapping like {noise_snr: [5, 20], "
+                            f"reverb_rt60: [0.2, 0.8]}}, got {type(value).__name__}")
+        unknown = sorted(set(value) - {"noise_snr", "reverb_rt60"})
+        if unknown:
+            raise LorsError(f"unknown augment setting(s) {', '.join(map(str, unknown))}; "
+                            "use noise_snr and/or reverb_rt60")
+        return cls(noise_snr=value.get("noise_snr"), reverb_rt60=value.get("reverb_rt60"))
+
+    def __bool__(self) -> bool:
+        return self.noise_snr is not None or self.reverb_rt60 is not None
+
+    def as_dict(self) -> dict[str, list[float]]:
+        """The set ranges, e.g. ``{"noise_snr": [5.0, 20.0]}`` (empty when clean)."""
+        return {key: list(value) for key, value in
+                (("noise_snr", self.noise_snr), ("reverb_rt60", self.reverb_rt60))
+                if value is not None}
+
+    @property
+    def suffix(self) -> str:
+        """A folder suffix naming the settings, e.g. ``-snr5_20-rt60_0.2_0.8``; "" if clean.
+        Degraded and clean speech (and different settings) thus never share a folder."""
+        out = ""
+        if self.noise_snr is not None:
+            out += f"-snr{self.noise_snr[0]:g}_{self.noise_snr[1]:g}"
+        if self.reverb_rt60 is not None:
+            out += f"-rt60_{self.reverb_rt60[0]:g}_{self.reverb_rt60[1]:g}"
+        return out
+
+    def draw(self, utterance_id: str) -> Degradation | None:
+        """The seeded degradation of ``utterance_id``; None when clean."""
+        if not self:
+            return None
+        snr = colour = rt60 = None
+        if self.noise_snr is not None:
+            lo, hi = self.noise_snr
+            u = np.random.default_rng(_seed(utterance_id, "snr")).random()
+            snr = round(lo + (hi - lo) * u, 1) + 0.0  # + 0.0: no -0.0
+            colour = NOISE_COLOURS[_seed(utterance_id, "colour") % len(NOISE_COLOURS)]
+        if self.reverb_rt60 is not None:
+            lo, hi = self.reverb_rt60
+            u = np.random.default_rng(_seed(utterance_id, "rt60")).random()
+            rt60 = round(lo + (hi - lo) * u, 2)
+        return Degradation(utterance_id, snr, colour, rt60)
+
+
+def render_key(plan: VoicePlan, degradation: Degradation | None = None) -> str:
+    """What a WAV was rendered with, stored in its INFO comment, e.g.
+    ``lors-synth-v2; de+m3 s130 p50 g4; clean``."""
+    return f"{RENDER_VERSION}; {plan.label}; {degradation.label if degradation else 'clean'}"
+
+
 def check_espeak() -> str:
     """Return the path of the ``espeak-ng`` executable, or raise with the install command."""
     path = shutil.which("espeak-ng")
@@ -106,11 +278,12 @@ def check_espeak() -> str:
     return path
 
 
-def render(espeak: str, text: str, plan: VoicePlan, out: Path) -> float:
-    """Speak ``text`` with ``plan`` and write a 16 kHz mono WAV to ``out``; return seconds.
+def speak(espeak: str, text: str, plan: VoicePlan, out: Path | str = "audio") -> np.ndarray:
+    """Speak ``text`` with ``plan``; return 16 kHz mono float32 samples (``out`` names the
+    target in errors).
 
     The text goes through stdin as UTF-8 (``-b 1``), so quotes, apostrophes, leading dashes
-    and non-ASCII letters reach espeak-ng unchanged. The WAV is written atomically.
+    and non-ASCII letters reach espeak-ng unchanged.
     """
     try:
         proc = subprocess.run([espeak, "-b", "1", *plan.args(), "--stdout"],
@@ -127,19 +300,33 @@ def render(espeak: str, text: str, plan: VoicePlan, out: Path) -> float:
     except (RuntimeError, sf.SoundFileError) as exc:
         raise LorsError(f"espeak-ng ({plan.label}) wrote undecodable audio for {out}: {exc}"
                         ) from exc
-    audio = resample(samples[:, 0], rate, SAMPLE_RATE)
-    write_wav(out, audio, SAMPLE_RATE)
+    return resample(samples[:, 0], rate, SAMPLE_RATE)
+
+
+def render(espeak: str, text: str, plan: VoicePlan, out: Path,
+           degradation: Degradation | None = None) -> float:
+    """Speak ``text`` with ``plan``, degrade it if asked, and write a 16 kHz mono WAV to
+    ``out`` (atomically, with its :func:`render_key` as comment); return seconds."""
+    audio = speak(espeak, text, plan, out)
+    if degradation is not None:
+        audio = degradation.apply(audio)
+    write_wav(out, audio, SAMPLE_RATE, comment=render_key(plan, degradation))
     return len(audio) / SAMPLE_RATE
 
 
-def _finished_duration(path: Path) -> float | None:
-    """Duration of an already rendered, complete 16 kHz mono WAV, or None to re-render."""
+def _finished_duration(path: Path, key: str) -> float | None:
+    """Duration of an already rendered, complete 16 kHz mono WAV whose render key is ``key``,
+    or None to render it (again): missing, partial, or rendered with other settings."""
     if not is_valid_wav(path):
         return None
-    info = sf.info(str(path))
-    if info.samplerate != SAMPLE_RATE or info.channels != 1:
+    try:
+        with sf.SoundFile(str(path)) as handle:
+            if handle.samplerate != SAMPLE_RATE or handle.channels != 1 \
+                    or handle.comment != key:
+                return None
+            return handle.frames / SAMPLE_RATE
+    except (OSError, RuntimeError, sf.SoundFileError):
         return None
-    return info.frames / SAMPLE_RATE
 
 
 def _validate(languages: str | Iterable[str], splits: str | Iterable[str]):
@@ -160,52 +347,64 @@ def _validate(languages: str | Iterable[str], splits: str | Iterable[str]):
 class _Job:
     utterance: Utterance  # duration filled in once rendered
     plan: VoicePlan
+    degradation: Degradation | None
 
 
-def _plan_jobs(sentences, languages: list[str], out_dir: Path) -> list[_Job]:
+def _plan_jobs(sentences, languages: list[str], out_dir: Path,
+               augment: Augmentation) -> list[_Job]:
     """One job per (language, sentence), ordered by language, then the bank's order."""
     jobs = []
     for language in languages:
         for sentence in sentences:
             plan = voice_plan(sentence.sid, language, sentence.split)
             path = out_dir / language / sentence.split / f"{sentence.sid}.wav"
-            utt = Utterance(id=f"{language}-{sentence.split}-{sentence.sid}",
-                            language=language, split=sentence.split, audio=str(path),
+            uid = f"{language}-{sentence.split}-{sentence.sid}"
+            degradation = augment.draw(uid)
+            utt = Utterance(id=uid, language=language, split=sentence.split, audio=str(path),
                             duration=0.0, transcript=sentence.text(language),
-                            translation=sentence.text("en"), voice=plan.label)
-            jobs.append(_Job(utt, plan))
+                            translation=sentence.text("en"), voice=plan.label,
+                            noise_snr=degradation and degradation.noise_snr,
+                            reverb_rt60=degradation and degradation.reverb_rt60)
+            jobs.append(_Job(utt, plan, degradation))
     return jobs
 
 
 def synthesize(languages: str | Iterable[str], splits: str | Iterable[str],
                out_dir: str | Path, *, limit_per_split: int | None = None,
                jobs: int | None = None, bank_dir: str | Path | None = None,
-               show_progress: bool = True) -> Path:
+               show_progress: bool = True,
+               augment: Augmentation | Mapping[str, Any] | None = None) -> Path:
     """Render the bank's sentences for ``languages`` x ``splits``; return the manifest path.
 
-    Languages and splits are validated, and espeak-ng located, before anything is written.
-    ``limit_per_split`` keeps the first N sentences of each split; ``jobs`` espeak-ng
-    processes run at once (default ``os.cpu_count()``). Finished valid 16 kHz mono WAVs are
-    kept untouched; missing, corrupt or partial ones are rendered again. The manifest
+    Languages, splits and ``augment`` are validated, and espeak-ng located, before anything
+    is written. ``limit_per_split`` keeps the first N sentences of each split; ``jobs``
+    espeak-ng processes run at once (default ``os.cpu_count()``). ``augment`` (an
+    :class:`Augmentation` or a mapping like ``{"noise_snr": "5,20", "reverb_rt60": [0.2,
+    0.8]}``) degrades every clip; it writes into ``out_dir`` as given, so give degraded
+    speech its own folder (e.g. with :attr:`Augmentation.suffix`). Finished valid 16 kHz mono
+    WAVs with the current render key are kept untouched; missing, corrupt, partial ones and
+    those rendered with other settings are rendered again. The manifest
     ``out_dir/manifest.jsonl`` lists exactly this call's utterances and replaces any older one.
     """
     from .sentences import select
 
     languages, splits = _validate(languages, splits)
+    augment = Augmentation.coerce(augment)
     espeak = check_espeak()
     sentences = select(languages, splits, limit_per_split=limit_per_split, bank_dir=bank_dir)
     if not sentences:
         raise LorsError(f"the sentence bank has no sentences for splits {', '.join(splits)}")
     out_dir = Path(out_dir)
-    planned = _plan_jobs(sentences, languages, out_dir)
+    planned = _plan_jobs(sentences, languages, out_dir, augment)
     # No sweep here: a killed run's temporaries go when the same file is written again (fsutil).
 
     def run(job: _Job) -> Utterance:
         path = Path(job.utterance.audio)
-        duration = _finished_duration(path)
+        duration = _finished_duration(path, render_key(job.plan, job.degradation))
         if duration is None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            duration = render(espeak, job.utterance.transcript, job.plan, path)
+            duration = render(espeak, job.utterance.transcript, job.plan, path,
+                              job.degradation)
         return replace(job.utterance, duration=duration)
 
     workers = max(1, jobs or os.cpu_count() or 1)

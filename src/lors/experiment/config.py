@@ -37,6 +37,29 @@ class DataSpec(_Strict):
     # no sentence is trained on in two languages (each language its own sentences, as in
     # CoVoST 2); dev and test splits are unchanged
     disjoint_languages: bool = False
+    # seeded degradation of the rendered speech (not of a given manifest), per clip a value
+    # drawn from each range: {noise_snr: [lo, hi] dB, reverb_rt60: [lo, hi] seconds};
+    # degraded speech is cached apart from clean speech
+    augment: dict[str, Any] | None = None
+
+    @field_validator("augment")
+    @classmethod
+    def _augment(cls, value: dict[str, Any] | None) -> dict[str, list[float]] | None:
+        from ..data.synth import Augmentation  # lazy: numpy and soundfile only when used
+        from ..errors import LorsError
+        if value is None:
+            return None
+        try:
+            return Augmentation.coerce(value).as_dict() or None
+        except LorsError as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _augment_needs_rendered_speech(self) -> "DataSpec":
+        if self.augment and self.manifest is not None:
+            raise ValueError("augment degrades the speech lors renders; it does not apply "
+                             "to a given manifest (drop one of them)")
+        return self
 
 
 class TrainingSpec(_Strict):

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..base import resolve_model_reference
 from ..checkpoint.reader import open_checkpoint
 from ..data.manifest import read_manifest
+from ..data.synth import RENDER_VERSION
 from ..errors import LorsError
 from ..evaluation.decode import check_references
 from ..fsutil import atomic_file
@@ -38,7 +39,8 @@ class Experiment:
         self.out = Path(config.out)
         self.base = Path(resolve_model_reference(config.base))
         check_base_knows(self.base, config.pairs())
-        manifest = config.data.manifest or default_speech(config.languages, show_progress)
+        manifest = config.data.manifest or default_speech(config.languages, show_progress,
+                                                          config.data.augment)
         utterances = read_manifest(manifest)
         if config.data.disjoint_languages:
             utterances = disjoint_training(utterances, config.languages, str(manifest),
@@ -56,9 +58,11 @@ class Experiment:
             self.test[(language, task)] = clips
         self.utterances = list({u.id: u for u in self.selection.utterances
                                 + [c for cs in self.test.values() for c in cs]}.values())
+        # the rendering's version too: the same ids with other voices are other data
+        speech = None if config.data.manifest else RENDER_VERSION
         self.data_key = digest(open_checkpoint(str(self.base)).fingerprint(),
                                [u.id for u in self.utterances],
-                               config.data.model_dump())
+                               config.data.model_dump(), speech)
         self.train_key = digest(self.data_key, config.training.model_dump())
         self.eval_key = digest(self.data_key, config.evaluation.model_dump())
 

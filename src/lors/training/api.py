@@ -20,14 +20,18 @@ from .data import PairData, Selection, select
 from .loop import StepHook, train_stage
 
 
-def default_speech(languages: list[str], show_progress: bool = True) -> Path:
+def default_speech(languages: list[str], show_progress: bool = True,
+                   augment=None) -> Path:
     """The embedded default speech: the sentence bank rendered by espeak-ng (train, dev,
-    test splits) into the lors cache; returns its manifest."""
-    from ..data.synth import synthesize
+    test splits) into the lors cache; returns its manifest. ``augment`` (None, an
+    ``Augmentation`` or a mapping like ``{"noise_snr": [5, 20], "reverb_rt60": [0.2, 0.8]}``)
+    degrades it; degraded speech gets its own folder, named after the settings."""
+    from ..data.synth import Augmentation, synthesize
 
-    folder = default_cache_dir() / "speech" / "-".join(sorted(set(languages)))
+    augment = Augmentation.coerce(augment)
+    folder = default_cache_dir() / "speech" / ("-".join(sorted(set(languages))) + augment.suffix)
     return synthesize(sorted(set(languages)), ["train", "dev", "test"], folder,
-                      show_progress=show_progress)
+                      show_progress=show_progress, augment=augment)
 
 
 def check_base_knows(base_dir: Path, pairs: list[tuple[str, str]]) -> None:
