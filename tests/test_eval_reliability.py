@@ -252,3 +252,26 @@ def test_an_explicit_window_never_cuts_a_clip():
     assert window_for(16000 * 10, 8, 1500, hop).seconds == 12  # widened to the automatic one
     assert window_for(16000 * 8, 8, 1500, hop).seconds == 8  # it fits: used as given
     assert window_for(16000 * 35, 8, 1500, hop).positions == 1500  # capped: long-form
+
+
+def test_eval_refuses_a_model_with_missing_weights(tmp_path, capsys):
+    """transformers would fill a missing tensor randomly; lors eval refuses the folder."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lors.cli import main
+    from lors.tiny import save_tiny_base
+    model = save_tiny_base(tmp_path / "model")
+    tensors = load_file(model / "model.safetensors")
+    tensors.pop("model.decoder.layers.1.fc2.weight")
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    from conftest import make_tiny_speech
+    from lors.data.manifest import write_manifest
+    manifest = write_manifest(tmp_path / "manifest.jsonl",
+                              make_tiny_speech(tmp_path, {"test": 1}))
+    code = main(["eval", str(model), "--manifest", str(manifest), "--languages", "de"])
+    err = capsys.readouterr().err
+    assert code == 2 and "weights do not fit its config" in err
+    assert "model.decoder.layers.1.fc2.weight" in err
+    shutil.rmtree(model)

@@ -162,12 +162,19 @@ class Decoder:
         check_weights(self.model_dir)
         try:
             with _quiet():
-                self.model = WhisperForConditionalGeneration.from_pretrained(self.model_dir,
-                                                                             dtype=dtype)
+                self.model, loading = WhisperForConditionalGeneration.from_pretrained(
+                    self.model_dir, dtype=dtype, output_loading_info=True)
                 self.processor = WhisperProcessor.from_pretrained(self.model_dir)
         except (OSError, ValueError, TypeError, RuntimeError) as exc:
             raise LorsError(f"cannot load a Whisper model with tokenizer and feature extractor "
                             f"from {self.model_dir}: {exc}") from exc
+        # transformers fills missing weights randomly: scoring such a model is meaningless
+        missing = sorted(set(loading.get("missing_keys", ())) - {"proj_out.weight"})
+        if missing or loading.get("mismatched_keys"):
+            raise LorsError(f"{self.model_dir}: the weights do not fit its config: missing "
+                            f"{len(missing)} tensor(s), e.g. {missing[:3]}, mismatched "
+                            f"{list(loading.get('mismatched_keys') or [])[:3]}; re-save the "
+                            "complete model (model.save_pretrained)")
         _restore_whisper_generation_fields(self.model, self.model_dir)
         self.model.to(device).eval()
         self.device, self.dtype = torch.device(device), dtype
