@@ -124,7 +124,7 @@ def test_a_kill_at_any_step_leaves_old_or_new_and_the_next_run_cleans_up(kind, t
         if "built" in others:  # killed before the move: the finished work is intact
             assert kind == "publish" and tree(folder / "built") == NEW
             others.remove("built")
-        temporary = re.compile(rf"\.out\.tmp-{child.pid}-[0-9a-f]{{8}}")
+        temporary = re.compile(rf"\.out\.tmp-{child.pid}@\w+-[0-9a-f]{{8}}")
         assert all(temporary.fullmatch(name) for name in others), (kill_at, others)
         seen.append((state == new, bool(others)))
         if child.returncode == 0:
@@ -150,13 +150,15 @@ def test_a_kill_at_any_step_leaves_old_or_new_and_the_next_run_cleans_up(kind, t
 
 def test_a_publish_removes_only_dead_owners_temporaries_of_that_output(tmp_path):
     dead, alive = dead_pid(), os.getpid()
-    removed = [f".out.tmp-{dead}-0123abcd", f".out.tmp-{dead}-ffffffff"]
+    removed = [f".out.tmp-{dead}-0123abcd", f".out.tmp-{dead}-ffffffff",
+               f".out.tmp-{dead}@{fsutil._HOST}-0123abcd"]
     kept = [f".out.tmp-{alive}-0123abcd",   # its owner (this process) is alive
+            f".out.tmp-{dead}@otherhost-0123abcd",  # another machine's pid: unknowable here
             f".out.tmp-{dead}-0123abc",     # not exactly our pattern
             f".out.tmp-{dead}-0123abcd.x", f"out.tmp-{dead}-0123abcd", ".out.tmp--0123abcd",
             f".other.tmp-{dead}-0123abcd",  # another output's
             f".out.x.tmp-{dead}-0123abcd"]
-    for name in removed[:1] + kept:
+    for name in removed[:1] + removed[2:] + kept:
         write_tree(tmp_path / name, {"model.bin": "x" * 100})
     (tmp_path / removed[1]).write_text("a file temporary")
     with fsutil.atomic_directory(tmp_path / "out") as tmp:

@@ -1,7 +1,7 @@
 """Publishing: every output lors produces is built under a temporary name and then put in place.
 
 All publishing goes through one path (``_publish``): the new output is built in a temporary
-sibling ``.<name>.tmp-<pid>-<8 hex digits>``, then swapped with ``<name>`` in one atomic
+sibling ``.<name>.tmp-<pid>@<host>-<8 hex digits>``, then swapped with ``<name>`` in one atomic
 ``renameat2(RENAME_EXCHANGE)`` (or renamed, for a file or when nothing is there yet), and only
 then is the temporary, now holding the old output, deleted. At every instant ``<name>`` is the
 complete old output or the complete new one (where the kernel or file system cannot exchange,
@@ -24,6 +24,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -34,8 +35,12 @@ from .errors import LorsError, OutputExistsError
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
-_TEMPORARY = re.compile(r"\.(.+)\.tmp-(\d+)-[0-9a-f]{8}")
-"""The names ``temporary`` gives: ``.<output name>.tmp-<owner pid>-<8 hex digits>``."""
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
+"""This machine, in temporary names: a pid means something only on the host that made it."""
+
+_TEMPORARY = re.compile(r"\.(.+)\.tmp-(\d+)(?:@([A-Za-z0-9]+))?-[0-9a-f]{8}")
+"""The names ``temporary`` gives: ``.<output name>.tmp-<owner pid>@<host>-<8 hex digits>``
+(names without ``@<host>``, from lors 0.2.0 before it, count as this host's)."""
 
 _stale: dict[str, dict[str, list[str]]] = {}
 """Per folder (absolute path): output name -> its temporaries whose owner was gone when this
@@ -131,15 +136,16 @@ def _stale_in(folder: Path) -> dict[str, list[str]]:
         found: dict[str, list[str]] = {}
         for name in os.listdir(folder):
             match = _TEMPORARY.fullmatch(name)
-            if match and not _alive(int(match.group(2))):
+            # another host's pid says nothing here (a shared file system): never remove it
+            if match and match.group(3) in (None, _HOST) and not _alive(int(match.group(2))):
                 found.setdefault(match.group(1), []).append(name)
         _stale.setdefault(key, found)
     return _stale[key]
 
 
 def remove_stale_temporaries(out: Path) -> list[Path]:
-    """Delete the temporaries of ``out`` (``.<name>.tmp-<pid>-<8 hex>`` beside it, exactly)
-    whose owner process no longer exists; return the removed paths. Temporaries of living
+    """Delete the temporaries of ``out`` (``.<name>.tmp-<pid>@<host>-<8 hex>`` beside it,
+    exactly) whose owner process on this host no longer exists; return the removed paths. Temporaries of living
     processes (this one included) and every other name are left alone."""
     out = Path(out)
     if not out.parent.is_dir():
@@ -151,8 +157,8 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
 
 
 def _temporary_name(out: Path) -> Path:
-    """A fresh ``.<name>.tmp-<pid>-<8 hex>`` beside ``out`` (not created)."""
-    return out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    """A fresh ``.<name>.tmp-<pid>@<host>-<8 hex>`` beside ``out`` (not created)."""
+    return out.with_name(f".{out.name}.tmp-{os.getpid()}@{_HOST}-{secrets.token_hex(4)}")
 
 
 def _created(path: Path, directory: bool) -> bool:
