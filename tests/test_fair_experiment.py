@@ -160,3 +160,38 @@ def test_search_with_block_lambdas_equals_the_engine(tiny_models, tmp_path):
     reference = load_state(tmp_path / "m")
     for name, tensor in state.items():
         torch.testing.assert_close(tensor, reference[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_block_lambda_search_end_to_end_on_a_tiny_experiment(tmp_path):
+    """Random per-block lambda points are scored after the grid, the same count per method,
+    and a chosen point with lambdas is merged by the engine."""
+    import yaml
+    from conftest import make_tiny_speech
+    from lors.data.manifest import write_manifest
+    from lors.experiment.runner import run_experiment
+    from lors.tiny import save_tiny_base
+    base = save_tiny_base(tmp_path / "base", chunk_seconds=10)
+    manifest = write_manifest(tmp_path / "manifest.jsonl",
+                              make_tiny_speech(tmp_path, {"train": 4, "dev": 2, "test": 2}))
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump({
+        "base": str(base), "languages": ["de", "fr"], "tasks": ["asr"], "settings": ["asr"],
+        "baselines": [], "data": {"manifest": str(manifest)},
+        "training": {"max_steps": 2, "batch_size": 4, "learning_rate": 3e-3},
+        "evaluation": {"max_new_tokens": 4},
+        "search": {"block_lambdas": 3, "widen_edges": 0},
+        "methods": {"lors": {"rank": 2, "lambda": [0.5, 1.0]},
+                    "task_arithmetic": {"lambda": [0.5, 1.0]}, "average": {}},
+        "out": str(tmp_path / "out")}))
+    experiment = run_experiment(load_experiment(path), show_progress=False)
+    for method in ("lors", "task_arithmetic"):
+        points = [p for p in experiment["sweeps"] if p["method"] == method]
+        blocks = [p for p in points if p.get("blocks")]
+        assert len(points) == 5 and len(blocks) == 3
+        assert all(set(p["params"]["lambdas"]) == {"encoder.lower", "encoder.upper",
+                                                   "decoder.lower", "decoder.upper",
+                                                   "cross_attention.lower",
+                                                   "cross_attention.upper"} for p in blocks)
+    assert not [p for p in experiment["sweeps"] if p["method"] == "average" and p.get("blocks")]
+    rows = {m["name"]: m for m in experiment["settings"][0]["models"]}
+    assert rows["lors"]["normalised"] is not None

@@ -95,6 +95,7 @@ def _sweep_section(experiment: dict, folder: _PlotFolder) -> list[Block]:
         blocks += [Heading(3, f"Setting {setting}"),
                    Bullets([best_sweep_line(method, points) for method, points in groups.items()])]
         for method, points in groups.items():
+            points = [p for p in points if not p.get("blocks")]  # grid axes; blocks are random
             for param in swept_params(points):
                 path = plots.plot_sweep(points, param, folder.path("sweep", setting, method, param),
                                         title=f"{method} on {setting}: dev score vs {param}")

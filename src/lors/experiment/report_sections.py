@@ -252,8 +252,9 @@ def sweeps_by_method(sweeps: list[dict], setting: str) -> dict[str, list[dict]]:
 def swept_params(points: list[dict]) -> list[str]:
     """Parameters that take more than one value across ``points``, in first-seen order."""
     names = dict.fromkeys(name for point in points for name in point.get("params", {}))
-    return [name for name in names
-            if len({repr(point["params"].get(name)) for point in points}) > 1]
+    return [name for name in names  # scalar axes only (not per-block lambdas)
+            if not any(isinstance(point["params"].get(name), dict) for point in points)
+            and len({repr(point["params"].get(name)) for point in points}) > 1]
 
 
 def best_sweep_line(method: str, points: list[dict]) -> str:
@@ -264,8 +265,10 @@ def best_sweep_line(method: str, points: list[dict]) -> str:
         return f"{method}: {len(points)} dev points, none scored"
     best = max(scored, key=lambda point: point["dev_score"])
     widened = sum(1 for point in points if point.get("widened"))
-    line = (f"{method}: {len(points) - widened} dev points"
+    blocks = sum(1 for point in points if point.get("blocks"))
+    line = (f"{method}: {len(points) - widened - blocks} dev points"
             + (f" (+{widened} past a lambda edge)" if widened else "")
+            + (f" (+{blocks} with per-block lambdas)" if blocks else "")
             + f"; best {fmt(best['dev_score'])} % at "
             + (params_text(best.get("params", {})) or "defaults"))
     edges = on_grid_edge(best.get("params", {}), points)
