@@ -15,7 +15,7 @@ existing sentence to another split:
 * ``i % 10 == 8`` is **dev**, ``i % 10 == 9`` is **test**, everything else is **train**.
 
 A bank whose size is a multiple of ten is therefore split exactly 80% / 10% / 10%
-(300 rows: 240 train, 30 dev, 30 test), and the three splits never share a sentence.
+(1,000 rows: 800 train, 100 dev, 100 test), and the three splits never share a sentence.
 """
 
 from __future__ import annotations
