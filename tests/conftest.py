@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,44 @@ def make_tiny_speech(root: Path, counts: dict[str, int], languages=("de", "fr"))
                                             split=split, audio=str(path), duration=seconds,
                                             transcript=text, translation=f"the {text}"))
     return utterances
+
+
+# A tiny sentence bank in the real TSV format, for espeak-ng synthesis tests.
+COLUMNS = ("sid", "en", "ca", "de", "es", "fr", "it", "id", "nl", "pt", "ru", "sv")
+TEMPLATES = {
+    "en": "It's a fine day, said {name}.",
+    "ca": "Fa un bon dia, va dir {name}.",
+    "de": "Es ist ein schöner Tag, sagte {name}.",
+    "es": "Hace un buen día, dijo {name}.",
+    "fr": "C'est une belle journée, a dit {name}.",
+    "it": "È una bella giornata, disse {name}.",
+    "id": "Hari yang indah, kata {name}.",
+    "nl": "Het is een mooie dag, zei {name}.",
+    "pt": "Está um belo dia, disse {name}.",
+    "ru": "Прекрасный день, сказал {name}.",
+    "sv": "Det är en fin dag, sa {name}.",
+}
+NAMES = ("Anna", "Boris", "Clara", "David", "Elena", "Felix", "Greta", "Hugo", "Ida", "Jonas",
+         "Karin", "Lukas", "Maria", "Nils", "Olga", "Pablo", "Rita", "Simon", "Tina", "Ugo",
+         "Vera", "Walter", "Xenia", "Yusuf", "Zoe", "Adam", "Bruno", "Carla", "Dora", "Emil")
+
+
+def need_espeak() -> None:
+    """Skip without espeak-ng, except in CI (``CI`` set), where it is a failure."""
+    if shutil.which("espeak-ng") is None:
+        if os.environ.get("CI"):
+            pytest.fail("espeak-ng is required in CI: apt-get install espeak-ng")
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+
+
+@pytest.fixture()
+def bank(tmp_path) -> Path:
+    """A bank of len(NAMES) sentences in the real bank's TSV format."""
+    folder = tmp_path / "bank"
+    folder.mkdir()
+    lines = ["\t".join(COLUMNS)]
+    for i, name in enumerate(NAMES):
+        texts = [TEMPLATES[lang].format(name=name) for lang in COLUMNS[1:]]
+        lines.append("\t".join([f"t{i:03d}", *texts]))
+    (folder / "sentences-1.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from lors.cli import main
 from lors.merging.config import lambda_selectors
 from lors.merging.groups import GROUPS, MATRIX_GROUPS
-from lors.merging.methods import METHOD_ALIASES, METHODS, OPS, method_defaults
+from lors.merging.methods import METHOD_ALIASES, METHODS, OPS
 
 PROPERTY = settings(max_examples=20, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,

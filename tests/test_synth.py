@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import shutil
 from pathlib import Path
 
 import pytest
 import soundfile as sf
 
+from conftest import need_espeak
 from lors import fsutil
 from lors.data import synth
 from lors.data.audio import is_valid_wav
@@ -22,52 +22,13 @@ from lors.data.manifest import read_manifest
 from lors.data.sentences import SPLITS, select
 from lors.errors import LorsError
 
-COLUMNS = ("sid", "en", "ca", "de", "es", "fr", "it", "id", "nl", "pt", "ru", "sv")
-TEMPLATES = {
-    "en": "It's a fine day, said {name}.",
-    "ca": "Fa un bon dia, va dir {name}.",
-    "de": "Es ist ein schöner Tag, sagte {name}.",
-    "es": "Hace un buen día, dijo {name}.",
-    "fr": "C'est une belle journée, a dit {name}.",
-    "it": "È una bella giornata, disse {name}.",
-    "id": "Hari yang indah, kata {name}.",
-    "nl": "Het is een mooie dag, zei {name}.",
-    "pt": "Está um belo dia, disse {name}.",
-    "ru": "Прекрасный день, сказал {name}.",
-    "sv": "Det är en fin dag, sa {name}.",
-}
-NAMES = ("Anna", "Boris", "Clara", "David", "Elena", "Felix", "Greta", "Hugo", "Ida", "Jonas",
-         "Karin", "Lukas", "Maria", "Nils", "Olga", "Pablo", "Rita", "Simon", "Tina", "Ugo",
-         "Vera", "Walter", "Xenia", "Yusuf", "Zoe", "Adam", "Bruno", "Carla", "Dora", "Emil")
-
-
-def _need_espeak() -> None:
-    if shutil.which("espeak-ng") is None:
-        if os.environ.get("CI"):
-            pytest.fail("espeak-ng is required in CI: apt-get install espeak-ng")
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
-
-
-@pytest.fixture()
-def bank(tmp_path) -> Path:
-    """A bank of len(NAMES) sentences in the real bank's TSV format."""
-    folder = tmp_path / "bank"
-    folder.mkdir()
-    lines = ["\t".join(COLUMNS)]
-    for i, name in enumerate(NAMES):
-        texts = [TEMPLATES[lang].format(name=name) for lang in COLUMNS[1:]]
-        lines.append("\t".join([f"t{i:03d}", *texts]))
-    (folder / "sentences-1.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return folder
-
-
 def _voice_variant(voice: str) -> str:
     return voice.split()[0].split("+")[1]
 
 
 @pytest.mark.slow
 def test_synthesize_renders_wavs_and_manifest(bank, tmp_path):
-    _need_espeak()
+    need_espeak()
     out = tmp_path / "synth"
     langs = ["de", "ru"]
     sentences = select(langs, list(SPLITS), limit_per_split=2, bank_dir=bank)
@@ -116,7 +77,7 @@ def test_voice_plan_is_deterministic_and_splits_are_disjoint():
 
 @pytest.mark.slow
 def test_rerun_is_idempotent_and_repairs_truncated_wavs(bank, tmp_path):
-    _need_espeak()
+    need_espeak()
     out = tmp_path / "synth"
     kwargs = dict(limit_per_split=2, jobs=2, bank_dir=bank, show_progress=False)
     first = read_manifest(synth.synthesize(["fr"], ["train", "dev", "test"], out, **kwargs))

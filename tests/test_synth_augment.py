@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from conftest import TEMPLATES, need_espeak
 from lors.cli import main
 from lors.data import synth
 from lors.data.audio import (PEAK, coloured_noise, load_audio, room_impulse_response,
@@ -25,39 +25,7 @@ from lors.data.manifest import FIELDS, OPTIONAL_FIELDS, Utterance, read_manifest
 from lors.errors import ConfigError, LorsError
 from lors.experiment.config import load_experiment
 
-TEXTS = {
-    "ca": "Fa un bon dia, va dir {name}.", "de": "Es ist ein schöner Tag, sagte {name}.",
-    "en": "It's a fine day, said {name}.", "es": "Hace un buen día, dijo {name}.",
-    "fr": "C'est une belle journée, a dit {name}.", "id": "Hari yang indah, kata {name}.",
-    "it": "È una bella giornata, disse {name}.", "nl": "Het is een mooie dag, zei {name}.",
-    "pt": "Está um belo dia, disse {name}.", "ru": "Прекрасный день, сказал {name}.",
-    "sv": "Det är en fin dag, sa {name}.",
-}
-NAMES = ("Anna", "Boris", "Clara", "David", "Elena", "Felix", "Greta", "Hugo", "Ida", "Jonas",
-         "Karin", "Lukas", "Maria", "Nils", "Olga", "Pablo", "Rita", "Simon", "Tina", "Ugo",
-         "Vera", "Walter", "Xenia", "Yusuf", "Zoe", "Adam", "Bruno", "Carla", "Dora", "Emil")
 KW = dict(limit_per_split=1, jobs=2, show_progress=False)
-
-
-def _need_espeak() -> None:
-    if shutil.which("espeak-ng") is None:
-        if os.environ.get("CI"):
-            pytest.fail("espeak-ng is required in CI: apt-get install espeak-ng")
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
-
-
-@pytest.fixture()
-def bank(tmp_path) -> Path:
-    """A bank of len(NAMES) sentences in the real bank's TSV format."""
-    folder = tmp_path / "bank"
-    folder.mkdir()
-    from lors.data.sentences import COLUMNS
-    langs = COLUMNS[1:]
-    lines = ["\t".join(COLUMNS)]
-    for i, name in enumerate(NAMES):
-        lines.append("\t".join([f"t{i:03d}", *(TEXTS[lang].format(name=name) for lang in langs)]))
-    (folder / "sentences-1.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return folder
 
 
 def _read(path) -> np.ndarray:
@@ -104,9 +72,9 @@ def test_wider_voice_plan_is_deterministic_and_disjoint():
 def test_every_variant_changes_the_voice_of_every_language():
     """espeak-ng silently ignores a variant it cannot apply (it did after fr-fr): every
     variant of the plan must give each language audibly different audio."""
-    _need_espeak()
+    need_espeak()
     for language, voice in synth.ESPEAK_VOICES.items():
-        text = TEXTS[language].format(name="Anna").encode()
+        text = TEMPLATES[language].format(name="Anna").encode()
         digests = {}
         for variant in ("", *synth.TRAIN_VARIANTS, *synth.HELDOUT_VARIANTS):
             name = f"{voice}+{variant}" if variant else voice
@@ -306,7 +274,7 @@ def test_cli_passes_the_flags_and_refuses_bad_ranges(tmp_path, monkeypatch, caps
 
 @pytest.mark.slow
 def test_degraded_renders_end_to_end(bank, tmp_path):
-    _need_espeak()
+    need_espeak()
     clean_m = synth.synthesize(["de", "fr"], ["train", "test"], tmp_path / "clean",
                                bank_dir=bank, **KW)
     augment = synth.Augmentation(noise_snr=(0, 25))
@@ -354,7 +322,7 @@ def test_degraded_renders_end_to_end(bank, tmp_path):
 
 @pytest.mark.slow
 def test_rerun_re_renders_when_plan_or_degradation_changed(bank, tmp_path, monkeypatch):
-    _need_espeak()
+    need_espeak()
     out = tmp_path / "synth"
     first = read_manifest(synth.synthesize(["de"], ["train", "test"], out, bank_dir=bank, **KW))
     stamps = {u.audio: os.stat(u.audio).st_mtime_ns for u in first}
@@ -395,7 +363,7 @@ def test_rerun_re_renders_when_plan_or_degradation_changed(bank, tmp_path, monke
 
 @pytest.mark.slow
 def test_cli_renders_degraded_speech(tmp_path, capsys):
-    _need_espeak()
+    need_espeak()
     out = tmp_path / "cli"
     assert main(["synth", "--languages", "it", "--splits", "test", "--limit", "1", "--out",
                  str(out), "--noise-snr", "15,15", "--reverb-rt60", "0.3,0.3", "--quiet"]) == 0
