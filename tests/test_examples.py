@@ -10,6 +10,7 @@ from lors.merging.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = [ROOT / "examples" / "benchmark-5lang.yaml",
+               ROOT / "examples" / "benchmark-5lang-cpu.yaml",
                ROOT / "src" / "lors" / "experiment" / "demo.yaml"]
 MERGES = [ROOT / "examples" / "lors-5-experts.yaml", ROOT / "examples" / "tiny-merge.yaml"]
 
@@ -30,6 +31,14 @@ def test_benchmark_is_the_paper_setting():
     # every method belongs in the benchmark, and LoRS with the exact SVD beside the default
     assert set(METHODS) | {"lors_exact"} == set(config.methods)
     assert set(config.settings) == {"all", "asr", "st", "multitask"}
+
+
+def test_cpu_benchmark_is_the_paper_languages_with_the_target_methods():
+    config = load_experiment(EXPERIMENTS[1])
+    assert config.languages == ["ca", "de", "es", "fr", "it"] and config.settings == ["all"]
+    assert config.data.disjoint_languages and config.training.patience
+    # LoRS both ways (item 5), our variant against it, and the methods for a shared direction
+    assert {"lors", "lors_exact", "lors_centred", "cart", "iso_cts", "svc"} <= set(config.methods)
 
 
 @pytest.mark.parametrize("path", MERGES, ids=lambda p: p.name)
