@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from random_whisper import random_base  # benchmarks/ is the script's own folder
+
 SMALL = dict(d_model=768, encoder_layers=12, decoder_layers=12, encoder_attention_heads=12,
              decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072,
              vocab_size=51865, num_mel_bins=80)
@@ -32,13 +34,8 @@ SMALL = dict(d_model=768, encoder_layers=12, decoder_layers=12, encoder_attentio
 def make_models(root: Path, experts: int) -> None:
     """A random Whisper-small base and experts = base + low-rank-plus-noise task vectors."""
     from safetensors.torch import save_file
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
-    config = WhisperConfig(**SMALL)
-    with torch.device("meta"):
-        shapes = {n: t.shape for n, t in WhisperForConditionalGeneration(config).state_dict().items()
-                  if n != "proj_out.weight"}
-    g = torch.Generator().manual_seed(0)
-    base = {n: torch.randn(s, generator=g) * 0.02 for n, s in shapes.items()}
+    config, shapes, base = random_base(SMALL)
+    g = torch.Generator().manual_seed(1)  # the experts' draws
     for folder, tensors in [("base", base)] + [(f"e{i}", None) for i in range(experts)]:
         if tensors is None:
             tensors = {}

@@ -12,6 +12,11 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   pip_install "torch==2.13.0"
 fi
 pip_install -e ".[test]"
+# openai-whisper without its dependencies (they would pull triton); its light ones come with
+# the test extra (tiktoken, numba, more-itertools), torch and numpy are already here
+if ! .venv/bin/python -c "import whisper; whisper.load_model" 2>/dev/null; then
+  pip_install --no-deps "openai-whisper>=20240930"
+fi
 if ! command -v espeak-ng >/dev/null 2>&1; then
   if [ "$(id -u)" = "0" ]; then
     (apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null) || echo "note: could not install espeak-ng; lors synth needs it"

@@ -157,7 +157,7 @@ def test_crash_mid_merge_leaves_nothing(tiny_models, tmp_path, monkeypatch):
 
 
 def test_missing_paths_and_bad_config(tiny_models, tmp_path):
-    with pytest.raises(CheckpointError, match=r"nowhere.*no such file"):
+    with pytest.raises(CheckpointError, match=r"nowhere: no such directory"):
         run_merge(tiny_models, tmp_path / "out", {"x": tmp_path / "nowhere"})
     with pytest.raises(ConfigError, match=r"unknown method 'nonsense'"):
         validate_config({"experts": [{"name": "a", "path": "p"}], "method": "nonsense"})

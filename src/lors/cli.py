@@ -89,6 +89,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise LorsError("--out DIR is required (or pass --dry-run)")
+    from .export import export_model, plan_merge_exports
+    exports = plan_merge_exports(Path(args.out), args.export, args.quantization, args.force,
+                                 base=config.base,
+                                 inputs=(config.base, *(e.path for e in config.experts)))
     bar = None
 
     def progress(done: int, total: int, name: str) -> None:
@@ -107,7 +111,35 @@ def cmd_merge(args: argparse.Namespace) -> int:
             bar.close()
     print(f"merged {len(config.experts)} expert(s) with {report['resolved_config']['method']} "
           f"in {report['seconds']:.1f} s -> {args.out} (report: {args.out}/merge_report.json)")
+    for fmt, path in exports:
+        export_model(args.out, path, fmt, quantization=args.quantization if fmt == "ct2" else None,
+                     force=args.force)
+        print(f"exported ({fmt}) -> {path}")
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_model
+    summary = export_model(args.model, Path(args.out), args.format,
+                           quantization=args.quantization, force=args.force)
+    detail = f", {summary['quantization']}" if "quantization" in summary else ""
+    print(f"exported {args.model} ({args.format}{detail}) -> {args.out}")
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .merging.compress import compress
+    summary = compress(args.base, args.expert, args.out, rank=args.rank, keep=args.keep,
+                       svd=args.svd, seed=args.seed, force=args.force)
+    print(f"compressed {args.expert} (LoRS rank {args.rank}, keep {args.keep}, {args.svd} SVD, "
+          f"seed {args.seed}; float32) in {summary['seconds']:.1f} s -> {args.out}: "
+          f"{_megabytes(summary['bytes'])} vs {_megabytes(summary['full_bytes'])} full "
+          f"checkpoint ({summary['bytes'] / summary['full_bytes']:.1%})")
+    return 0
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.{1 if size >= 1e5 else 3}f} MB"
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -230,9 +262,10 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"merge": cmd_merge, "methods": cmd_methods, "base": cmd_base, "synth": cmd_synth,
+COMMANDS = {"merge": cmd_merge, "compress": cmd_compress, "methods": cmd_methods,
+            "base": cmd_base, "synth": cmd_synth,
             "eval": cmd_eval, "train": cmd_train, "experiment": cmd_experiment,
-            "demo": cmd_demo, "tiny": cmd_tiny}
+            "demo": cmd_demo, "tiny": cmd_tiny, "export": cmd_export}
 
 
 def _print_lors_warnings() -> None:

@@ -41,6 +41,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the resolved config and per-group matches; write nothing")
     m.add_argument("--no-diagnostics", dest="no_diagnostics", action="store_true")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.add_argument("--export", action="append", metavar="FORMAT",
+                   help="also export the merged model: ct2 (CTranslate2 for faster-whisper, "
+                        "written to OUT-ct2/) or openai (openai-whisper, OUT.pt); repeatable")
+    m.add_argument("--quantization", help="weight type of --export ct2 (default float32): "
+                                          "float32, float16, bfloat16, int8, int8_float32, "
+                                          "int8_float16, int8_bfloat16, int16")
+
+    c = commands.add_parser("compress", help="store one expert (checkpoint or LoRA adapter) as "
+                                             "its LoRS-pruned task vector in one safetensors file")
+    c.add_argument("--base", help="base model: path, hub id, or 'base' (default: embedded base)")
+    c.add_argument("--expert", required=True, metavar="PATH",
+                   help="full checkpoint or PEFT LoRA adapter folder fine-tuned from the base")
+    c.add_argument("--rank", type=int, default=7, help="rank r of the low-rank part (default 7)")
+    c.add_argument("--keep", type=float, default=0.2,
+                   help="fraction of the residual's entries kept (default 0.2)")
+    c.add_argument("--svd", choices=["randomized", "exact"], default="randomized")
+    c.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD's sketch")
+    c.add_argument("--out", required=True, help="output .safetensors file (must not exist "
+                                                "unless --force)")
+    c.add_argument("--force", action="store_true", help="replace an existing output file")
 
     commands.add_parser("methods", help="list merge methods, defaults and groups")
 
@@ -156,4 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.add_argument("--experts", type=int, default=3)
     t.add_argument("--force", action="store_true")
+
+    ex = commands.add_parser("export", help="write a Whisper model for CTranslate2 "
+                                           "(faster-whisper) or openai-whisper")
+    ex.add_argument("model", help="Hugging Face folder, openai .pt, hub id (local cache when "
+                                 "offline) or 'base'")
+    ex.add_argument("--format", required=True, metavar="FORMAT",
+                   help="ct2 (a folder faster_whisper.WhisperModel loads) or openai (a .pt "
+                        "file whisper.load_model loads)")
+    ex.add_argument("--quantization", help="ct2 weight type (default float32): float32, "
+                                          "float16, bfloat16, int8, int8_float32, "
+                                          "int8_float16, int8_bfloat16, int16")
+    ex.add_argument("--out", required=True, help="output folder (ct2) or .pt file (openai); "
+                                                "must not exist unless --force")
+    ex.add_argument("--force", action="store_true", help="replace an existing output")
     return parser

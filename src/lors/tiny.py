@@ -68,7 +68,8 @@ def save_tiny_base(folder: Path, seed: int = 0, chunk_seconds: int = 1, **overri
     generation.task_to_id = {"transcribe": special["<|transcribe|>"],
                              "translate": special["<|translate|>"]}
     model.save_pretrained(folder)
-    WhisperFeatureExtractor(feature_size=N_MELS, chunk_length=chunk_seconds).save_pretrained(folder)
+    WhisperFeatureExtractor(feature_size=model.config.num_mel_bins,
+                            chunk_length=chunk_seconds).save_pretrained(folder)
     write_tiny_tokenizer(folder)
     return Path(folder)
 

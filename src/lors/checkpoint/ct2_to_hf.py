@@ -22,6 +22,7 @@ import torch
 from ..errors import CheckpointError
 from ..fsutil import atomic_directory
 from .ctranslate2 import Ct2Model, read_ctranslate2
+from .tokenizer_files import PAD_TOKEN
 
 # CTranslate2 ActivationType ids -> transformers ACT2FN names.
 _ACTIVATIONS = {0: "relu", 1: "gelu_pytorch_tanh", 2: "silu", 3: "gelu"}
@@ -248,14 +249,16 @@ def _complete_added_tokens(tokenizer_json: dict, vocab: list[str]) -> None:
 
 
 def build_tokenizer(ct2_dir: Path, vocab: list[str], scratch: Path, max_length: int):
-    """WhisperTokenizer covering all ``len(vocab)`` ids, each mapped to its vocabulary string."""
+    """WhisperTokenizer covering all ``len(vocab)`` ids, each mapped to its vocabulary string,
+    padding with ``<|endoftext|>`` (so Hugging Face collators work)."""
     from transformers import WhisperTokenizer
 
     tokenizer_json = json.loads((ct2_dir / "tokenizer.json").read_text(encoding="utf-8"))
     repair_merges(tokenizer_json)
     _complete_added_tokens(tokenizer_json, vocab)
     (scratch / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False), encoding="utf-8")
-    tokenizer = WhisperTokenizer.from_pretrained(str(scratch), model_max_length=max_length)
+    tokenizer = WhisperTokenizer.from_pretrained(str(scratch), model_max_length=max_length,
+                                                 pad_token=PAD_TOKEN)
     wrong = [i for i, tok in enumerate(vocab) if tokenizer.convert_tokens_to_ids(tok) != i]
     if len(tokenizer) != len(vocab) or wrong:
         raise CheckpointError(

@@ -96,3 +96,11 @@ def openai_dims_to_config(dims: dict) -> dict:
     config.update(encoder_ffn_dim=4 * d_model, decoder_ffn_dim=4 * d_model,
                   model_type="whisper", architectures=["WhisperForConditionalGeneration"])
     return config
+
+
+def config_to_openai_dims(config: dict) -> dict:
+    """openai ModelDimensions (a plain dict of ints) from a WhisperConfig dict; inverse of
+    :func:`openai_dims_to_config` for the fields openai has (its text width is d_model)."""
+    dims = {key: int(config[hf]) for key, hf in OPENAI_DIMS_TO_HF.items()}
+    dims["n_text_state"] = int(config["d_model"])
+    return dims

@@ -2,7 +2,8 @@
 
 Accepted: a Hugging Face Whisper directory (safetensors, sharded or not, or pytorch_model.bin
 loaded with ``weights_only=True``), an openai-whisper ``.pt`` file (dims + model_state_dict),
-a hub id when a hub is reachable, and ``base`` (or nothing) for lors' embedded default.
+a hub id (through the local Hugging Face cache when offline; see :mod:`.locate`), and
+``base`` (or nothing) for lors' embedded default.
 All names are canonical Hugging Face names (see :mod:`lors.checkpoint.names`).
 """
 
@@ -12,7 +13,6 @@ import hashlib
 import json
 import os
 import pickle
-import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .locate import resolve_missing
 from .names import canonical_hf_name, openai_dims_to_config, openai_to_hf
 from .safetensors_io import SafetensorsFile
 
 TIED_OUTPUT = "proj_out.weight"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,8 @@ def open_checkpoint(ref: str | os.PathLike | None) -> Checkpoint:
         from ..base import resolve_model_reference  # the embedded default; fetched on first use
         ref = resolve_model_reference(None if ref is None else str(ref))
     path = Path(ref)
-    if not path.exists():
-        if _HUB_ID.match(str(ref)) and not str(ref).startswith((".", "/")):
-            return open_checkpoint(_download_from_hub(str(ref)))
-        raise CheckpointError(f"{ref}: no such file or directory (expected a Whisper checkpoint)")
+    if not path.exists():  # a hub id (resolved to its snapshot) or a mistyped path (error)
+        return open_checkpoint(resolve_missing(str(ref)))
     if path.is_file() and path.suffix == ".pt":
         return _open_openai(path)
     folder = path if path.is_dir() else path.parent
@@ -201,13 +199,3 @@ def _drop_tied_output(meta: dict[str, TensorMeta], config: dict) -> None:
     # duplicate work, and HF's save_pretrained omits it anyway.
     if config.get("tie_word_embeddings", True):
         meta.pop(TIED_OUTPUT, None)
-
-
-def _download_from_hub(repo_id: str) -> str:
-    try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt"])
-    except Exception as exc:  # offline, unknown repo, auth: all mean "cannot use this id"
-        raise CheckpointError(
-            f"{repo_id}: not a local path, and the model hub could not provide it ({exc}). "
-            "Download the model on a connected machine and pass its local directory") from exc

@@ -52,6 +52,7 @@ class TaskVectors:
         self.meta = plan.base.meta
         self.base: dict[str, torch.Tensor] = {}
         self.taus: dict[str, list[torch.Tensor]] = {}
+        self.known: dict[str, list | None] = {}  # what LoRA / compressed experts state
         for entry in plan.entries:
             if entry.op == core.COPY:
                 self.base[entry.name] = plan.base.read(entry.name)
@@ -59,6 +60,7 @@ class TaskVectors:
             self.base[entry.name] = core.read_float(plan.base, "base", entry.name)
             self.taus[entry.name] = core.task_vectors(plan.experts, entry.name,
                                                       self.base[entry.name])
+            self.known[entry.name] = core.known_parts(plan.experts, entry.name)
         self.svd_cache: dict = {}
 
     def delta(self, method: str, params: dict, groups: dict[str, str] | None = None, *,
@@ -77,7 +79,8 @@ class TaskVectors:
             if entry.op == core.COPY:
                 continue
             combination, _ = core.combine(entry, self.taus[entry.name], weights, resolved,
-                                          thresholds=thresholds, svd_cache=self.svd_cache)
+                                          thresholds=thresholds, svd_cache=self.svd_cache,
+                                          known=self.known[entry.name])
             delta.combined[entry.name] = combination.scaled
             if combination.fixed is not None:
                 delta.fixed[entry.name] = combination.fixed

@@ -22,7 +22,8 @@ from ..errors import CheckpointError, ConfigError, LorsWarning, MergeError
 from . import primitives as P
 from .global_topk import GlobalThreshold
 from .groups import GROUPS, MATRIX_GROUPS, group_of
-from .methods import OPS, OpContext
+from .context import Known, OpContext, lors_settings
+from .methods import OPS
 
 _LAYER = re.compile(r"^model\.(encoder|decoder)\.layers\.(\d+)\.")
 COPY = "copy"  # the op of tensors that are not merged (integer buffers): the base's, as stored
@@ -114,15 +115,34 @@ def read_float(checkpoint, who: str, name: str) -> Tensor:
 
 def task_vectors(experts: Mapping, name: str, base_tensor: Tensor,
                  map: Callable = map) -> list[Tensor]:
-    """tau_i = theta_i - theta_0 of tensor ``name`` for each expert checkpoint, float32."""
+    """tau_i = theta_i - theta_0 of tensor ``name`` for each expert, float32: read minus
+    base for a checkpoint; the expert's own exact delta for a LoRA adapter or a compressed
+    expert (anything with ``delta(name, base_tensor)``, which checks its parts for NaN and
+    Inf itself; see lors.checkpoint.experts)."""
     def one(item) -> Tensor:
-        expert, checkpoint = item
-        return read_float(checkpoint, f"expert {expert!r}", name).sub_(base_tensor)
+        expert, source = item
+        if hasattr(source, "delta"):
+            return source.delta(name, base_tensor)
+        return read_float(source, f"expert {expert!r}", name).sub_(base_tensor)
     return list(map(one, experts.items()))
 
 
-def expert_generator(seed: int, expert: int, name: str) -> torch.Generator:
-    """The generator of expert position ``expert`` on tensor ``name`` (DARE, SVD sketches)."""
+def known_parts(experts: Mapping, name: str) -> list[Known | None] | None:
+    """What each expert states about its task vector of ``name`` beyond its values: its
+    exact factors (``factors(name)``, a LoRA adapter) or the LoRS settings it is already
+    pruned with (``pruned_with(name)``, a compressed expert); see :class:`Known`. None when
+    no expert states anything (full checkpoints never do)."""
+    known = []
+    for source in experts.values():
+        factors = source.factors(name) if hasattr(source, "factors") else None
+        pruned = source.pruned_with(name) if hasattr(source, "pruned_with") else None
+        known.append(None if factors is None and pruned is None else Known(factors, pruned))
+    return known if any(k is not None for k in known) else None
+
+
+def expert_generator(seed: int, expert: int | str, name: str) -> torch.Generator:
+    """The generator of expert position ``expert`` on tensor ``name`` (DARE's masks), or,
+    with ``expert`` = "sketch", of the randomized SVD's sketch shared by all experts."""
     digest = hashlib.sha256(f"{seed}/{expert}/{name}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
@@ -145,14 +165,64 @@ class Combination(NamedTuple):
 
 def combine(entry: PlanEntry, taus: Sequence[Tensor], weights: Sequence[float], params: dict, *,
             thresholds: Sequence[float] | None = None, map: Callable = map,
-            svd_cache: dict | None = None) -> tuple[Combination, dict]:
-    """``entry.op``'s combination of ``taus`` before lambda, and what the op recorded."""
+            svd_cache: dict | None = None, known: Sequence[Known | None] | None = None
+            ) -> tuple[Combination, dict]:
+    """``entry.op``'s combination of ``taus`` before lambda, and what the op recorded;
+    ``known`` is what the experts state about their task vectors (:func:`known_parts`)."""
     spec = OPS[entry.op]
-    ctx = OpContext(entry.name, list(weights), params,
-                    lambda i: expert_generator(params["seed"], i, entry.name),
-                    thresholds if spec.global_scope else None, map=map, svd_cache=svd_cache)
+    ctx = _context(entry, weights, params, thresholds if spec.global_scope else None,
+                   map=map, svd_cache=svd_cache, known=known)
     combined = spec.combine(taus, ctx)
     return (Combination(*combined) if spec.split else Combination(combined)), ctx.stats
+
+
+def _context(entry: PlanEntry, weights: Sequence[float], params: dict,
+             thresholds: Sequence[float] | None = None, **options) -> OpContext:
+    seed = params["seed"]
+    return OpContext(entry.name, list(weights), params,
+                     lambda i: expert_generator(seed, i, entry.name), thresholds,
+                     sketch_for=lambda: expert_generator(seed, "sketch", entry.name), **options)
+
+
+def lors_parts(entry: PlanEntry, tau: Tensor, params: dict, known: Known | None = None
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One expert's LoRS pruning of matrix ``entry`` exactly as ``lors merge`` prunes it
+    (the same factors, sketch and top-k), split as ``lors compress`` stores it:
+    (U_r diag(S_r) [m,r], V_r^T [r,n], flat row-major indices of the kept residual entries,
+    their values). L + R_kept = scaled_u @ vh plus the values at those indices
+    (:func:`lors.checkpoint.compressed.lors_join`). Indices are int32 when numel < 2**31;
+    a task vector of known rank <= r has no residual (no index, no value)."""
+    ctx = _context(entry, [1.0], params, known=[known])
+    u, s, vh = ctx.factors(0, tau)
+    scaled_u, vh = (u * s).contiguous(), vh.contiguous()
+    index_dtype = torch.int32 if tau.numel() < 2**31 else torch.int64
+    if ctx.is_low_rank(0, tau.shape):
+        return scaled_u, vh, torch.zeros(0, dtype=index_dtype), torch.zeros(0)
+    # the same operations as primitives.lors_prune: R = tau - L, then its top-k by magnitude
+    residual = torch.addmm(tau, scaled_u, vh, alpha=-1.0)
+    index = P.magnitude_mask(residual, params["keep"]).reshape(-1).nonzero().squeeze(1)
+    return scaled_u, vh, index.to(index_dtype), residual.reshape(-1)[index]
+
+
+def warn_repruned(experts: Mapping, entries: Sequence[PlanEntry], meta: Mapping,
+                  params: dict) -> None:
+    """Warn for each compressed expert (one with ``settings``, its LoRS settings) whose
+    matrices this merge prunes with LoRS at other settings: LoRS then prunes its
+    decompressed task vector L + R_kept again, not the expert's original task vector."""
+    for name, source in experts.items():
+        stored = getattr(source, "settings", None)
+        if stored is None:
+            continue
+        differing = [e.name for e in entries if e.op == "lors"
+                     and lors_settings(params, meta[e.name].shape) != stored]
+        if differing:
+            ours = lors_settings(params, meta[differing[0]].shape)
+            warnings.warn(
+                f"expert {name!r} ({source.source}) is compressed with LoRS {stored}, but this "
+                f"merge prunes {len(differing)} matrices with {ours}: they get LoRS of its "
+                "decompressed task vector L + R_kept, which is not LoRS of the original task "
+                "vector; compress the expert again with this merge's settings, or merge the "
+                "full expert", LorsWarning, stacklevel=3)
 
 
 def calibrates(entry: PlanEntry, params: dict, shape: Sequence[int]) -> bool:

@@ -45,6 +45,18 @@ def gram(taus: Sequence[Tensor], chunk: int = 1 << 18) -> Tensor:
     return g
 
 
+def gram_of_factors(factors: Sequence[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
+    """The T x T matrix <tau_i, tau_j> (float64) of task vectors given by their SVDs
+    tau_i = U_i diag(S_i) Vh_i (e.g. LoRA deltas), without forming any of them:
+    <tau_i, tau_j> = sum((diag(S_i) U_i^T U_j diag(S_j)) * (Vh_i Vh_j^T))."""
+    scaled = [(u.double() * s.double(), vh.double()) for u, s, vh in factors]
+    g = torch.zeros(len(scaled), len(scaled), dtype=torch.float64)
+    for i, (us_i, vh_i) in enumerate(scaled):
+        for j, (us_j, vh_j) in enumerate(scaled[: i + 1]):
+            g[i, j] = g[j, i] = ((us_i.T @ us_j) * (vh_i @ vh_j.T)).sum()
+    return g
+
+
 def cosine_from_gram(g: Tensor) -> list[list[float]]:
     norms = g.diagonal().clamp(min=0).sqrt()
     denom = torch.outer(norms, norms)
@@ -63,9 +75,15 @@ class Diagnostics:
                                                                             dtype=torch.float64))
         self.model_gram = torch.zeros(len(self.names), len(self.names), dtype=torch.float64)
 
-    def add(self, name: str, layer: str, group: str, op: str, taus: Sequence[Tensor]) -> dict:
-        """Record the task vectors' statistics for one tensor; returns its record."""
-        g = gram(taus)
+    def add(self, name: str, layer: str, group: str, op: str, taus: Sequence[Tensor],
+            known: Sequence | None = None) -> dict:
+        """Record the task vectors' statistics for one tensor; returns its record. When every
+        expert states its task vector's factors (``known``, see lors.merging.context.Known:
+        LoRA adapters), the Gram matrix comes from them instead of a pass over the tensors."""
+        if known is not None and all(k is not None and k.factors is not None for k in known):
+            g = gram_of_factors([k.factors for k in known])
+        else:
+            g = gram(taus)
         self.layer_gram[layer] += g
         self.model_gram += g
         record = {
@@ -80,9 +98,10 @@ class Diagnostics:
 
     @staticmethod
     def attach(record: dict, op_stats: dict) -> None:
-        """Add what the op recorded per expert (energy kept by the rank-r part) to a record."""
+        """Add what the op recorded per expert (energy kept by the rank-r part) to a record;
+        None for an expert the op did not measure (a compressed expert, already pruned)."""
         for key, values in op_stats.items():
-            record[key] = [round(float(v), 6) for v in values]
+            record[key] = [None if v is None else round(float(v), 6) for v in values]
 
     def summary(self) -> dict:
         return {

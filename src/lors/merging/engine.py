@@ -23,6 +23,7 @@ import torch
 
 from .. import __version__
 from ..checkpoint.compat import check_experts
+from ..checkpoint.experts import Expert, is_full, open_expert
 from ..checkpoint.reader import Checkpoint, open_checkpoint
 from ..checkpoint.writer import (ShardedModelWriter, copy_aux_files, float_specs, write_config,
                                  write_json)
@@ -45,7 +46,7 @@ class MergePlan:
     params: dict
     group_ops: dict[str, str]
     base: Checkpoint
-    experts: dict[str, Checkpoint]
+    experts: dict[str, Expert]
     weights: list[float]
     entries: list[PlanEntry]
     group_counts: dict[str, dict] = field(default_factory=dict)
@@ -59,13 +60,16 @@ class MergePlan:
 
 def plan_merge(config: MergeConfig) -> MergePlan:
     """Resolve the config, open every checkpoint and check compatibility; reads no weights
-    except the sample of tensors that shows each expert is close to the base."""
+    except the sample of tensors that shows each full expert is close to the base (LoRA
+    adapters and compressed experts are checked against the base as they are opened)."""
     method, params, group_ops = resolve(config)
     base = open_checkpoint(config.base)
-    experts = {e.name: open_checkpoint(e.path) for e in config.experts}
+    experts = {e.name: open_expert(e.path, base) for e in config.experts}
     _warn_same_path(config)
-    check_experts(base, experts, allow_other_base=config.allow_other_base)
+    check_experts(base, {n: e for n, e in experts.items() if is_full(e)},
+                  allow_other_base=config.allow_other_base)
     entries, counts = core.plan_entries(base.meta, group_ops, params)
+    core.warn_repruned(experts, entries, base.meta, params)
     return MergePlan(method, params, group_ops, base, experts,
                      [e.weight for e in config.experts], entries, counts)
 
@@ -91,11 +95,11 @@ def worker_pool(workers: int) -> Iterator[Executor | None]:
     """Threads that read and prune experts concurrently, each with one torch thread.
 
     One intra-op thread per worker keeps every core busy in the single-threaded parts (file
-    reads, introselect) and avoids OpenMP spin-waiting when the machine is shared.
+    reads, introselect) and avoids OpenMP spin-waiting when the machine is shared. It also
+    makes the merge independent of the number of CPUs: BLAS rounds differently with another
+    thread count, which can move an entry across a top-k threshold; with one thread per
+    pruning, always (even with one worker), a merge and ``lors compress`` prune alike.
     """
-    if workers <= 1:
-        yield None
-        return
     # The main thread combines while workers still prune: it gets one thread too.
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -156,15 +160,17 @@ def merge(config: MergeConfig, out: Path, *, force: bool = False, diagnostics: b
     return report
 
 
-Inputs = tuple[torch.Tensor, list[torch.Tensor] | None]  # base tensor, experts' task vectors
+# base tensor, experts' task vectors, what the experts know about them (core.known_parts)
+Inputs = tuple[torch.Tensor, list[torch.Tensor] | None, list | None]
 
 
 def _load_inputs(plan: MergePlan, entry: PlanEntry, pool: Executor | None = None) -> Inputs:
     """The base tensor as stored (for "copy"), or float32 base and task vectors."""
     if entry.op == COPY:
-        return plan.base.read(entry.name), None
+        return plan.base.read(entry.name), None, None
     base_tensor = core.read_float(plan.base, "base", entry.name)
-    return base_tensor, _task_vectors(plan, entry.name, base_tensor, pool)
+    return (base_tensor, _task_vectors(plan, entry.name, base_tensor, pool),
+            core.known_parts(plan.experts, entry.name))
 
 
 def _prefetched(plan: MergePlan, pool: Executor | None) -> Iterator[tuple[PlanEntry, Inputs]]:
@@ -190,15 +196,15 @@ def _prefetched(plan: MergePlan, pool: Executor | None) -> Iterator[tuple[PlanEn
 def _merge_one(plan: MergePlan, entry: PlanEntry, inputs: Inputs, dtype: torch.dtype,
                thresholds: list[float] | None, stats: Diagnostics | None,
                pool: Executor | None = None) -> torch.Tensor:
-    base_tensor, taus = inputs
+    base_tensor, taus, known = inputs
     if taus is None:
         return base_tensor
     record = None
     if stats is not None:  # a worker computes the diagnostics while the others prune
-        args = (entry.name, layer_of(entry.name), entry.group, entry.op, taus)
+        args = (entry.name, layer_of(entry.name), entry.group, entry.op, taus, known)
         record = pool.submit(stats.add, *args) if pool is not None else stats.add(*args)
     delta, op_stats = core.merged_delta(entry, taus, plan.weights, plan.params,
-                                        thresholds=thresholds,
+                                        thresholds=thresholds, known=known,
                                         map=pool.map if pool is not None else map)
     if record is not None:
         Diagnostics.attach(record.result() if pool is not None else record, op_stats)

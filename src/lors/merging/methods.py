@@ -21,68 +21,10 @@ import torch
 from torch import Tensor
 
 from . import primitives as P
+from .context import OpContext
 from .groups import MATRIX_GROUPS
 
 SVD_PARAMETERS = frozenset({"svd", "svd_oversample", "svd_niter"})
-
-
-@dataclass
-class OpContext:
-    """What an op may know about the tensor it merges (never the file it came from)."""
-
-    name: str
-    weights: Sequence[float]
-    params: dict
-    generator_for: Callable[[int], torch.Generator]  # a seeded generator per expert and tensor
-    thresholds: Sequence[float] | None = None        # global top-k thresholds, one per expert
-    stats: dict = field(default_factory=dict)        # per-expert diagnostics the op records
-    map: Callable = map                              # the engine passes a thread pool's map
-    svd_cache: dict | None = None                    # factors reused across a search's points
-
-    def record(self, key: str, expert: int, value: float) -> None:
-        """Store one expert's diagnostic (safe from worker threads: one slot per expert)."""
-        self.stats.setdefault(key, [None] * len(self.weights))[expert] = value
-
-    def rank_for(self, shape: tuple[int, ...]) -> int:
-        ratio = self.params.get("rank_ratio")
-        if ratio is not None:
-            return max(1, round(ratio * min(shape)))
-        return int(self.params["rank"])
-
-    def factors(self, expert: int, tau: Tensor, tag: tuple = ()
-                ) -> tuple[Tensor, Tensor, Tensor]:
-        """The top-r singular triplets of ``tau`` (r from :meth:`rank_for`), exactly as
-        :func:`primitives.truncated_svd` gives them for this expert and tensor.
-
-        ``tag`` names what ``tau`` is when it is not the expert's task vector itself (CART's
-        centred matrix): it is part of the cache key, so different matrices never share one.
-
-        With ``svd_cache`` (a search), a decomposition is computed once per (tensor, expert,
-        rank, SVD settings). Only the exact SVD is nested (its rank-r factors are the leading
-        ones of any larger rank), so only it reuses a larger rank's factors: a randomized
-        sketch of another size gives other factors, and reusing them would make the search
-        score a merge that ``lors merge`` never writes.
-        """
-        rank = self.rank_for(tau.shape)
-        options = self.svd_options(expert)
-        if self.svd_cache is None:
-            return P.truncated_svd(tau, rank, **options)
-        if options["exact"]:
-            key = (self.name, *tag, expert, "exact")
-            cached = self.svd_cache.get(key)
-            if cached is None or cached[1].numel() < min(rank, *tau.shape):
-                cached = self.svd_cache[key] = P.truncated_svd(tau, rank, **options)
-            u, s, vh = cached
-            return u[:, :rank], s[:rank], vh[:rank]
-        key = (self.name, *tag, expert, rank, options["oversample"], options["niter"],
-               self.params.get("seed"))
-        if key not in self.svd_cache:
-            self.svd_cache[key] = P.truncated_svd(tau, rank, **options)
-        return self.svd_cache[key]
-
-    def svd_options(self, expert: int) -> dict:
-        return {"exact": self.params["svd"] == "exact", "oversample": self.params["svd_oversample"],
-                "niter": self.params["svd_niter"], "generator": self.generator_for(expert)}
 
 
 Sparsify = Callable[[int, Tensor, OpContext], Tensor]
@@ -103,12 +45,14 @@ def sparsify_elect_combine(taus: Sequence[Tensor], ctx: OpContext, sparsify: Spa
         stacked *= torch.tensor(list(ctx.weights)).reshape(-1, *([1] * (stacked.dim() - 1)))
         return P.disjoint_mean(stacked, P.elect_sign(stacked))
     merged = None
-    for part, tau, weight in zip(parts, taus, ctx.weights):
+    for i, (part, tau, weight) in enumerate(zip(parts, taus, ctx.weights)):
+        if ctx.is_zero(i):  # known to be zero (a matrix a LoRA leaves alone): adds nothing
+            continue
         if merged is None:  # the first part becomes the accumulator; never an input tensor
             merged = part * weight if part is tau else part.mul_(weight)
         else:
             merged.add_(part, alpha=weight)
-    return merged
+    return merged if merged is not None else torch.zeros_like(taus[0])
 
 
 def _magnitude(i: int, tau: Tensor, ctx: OpContext) -> Tensor:
@@ -120,16 +64,25 @@ def _magnitude(i: int, tau: Tensor, ctx: OpContext) -> Tensor:
 def _low_rank(i: int, tau: Tensor, ctx: OpContext) -> Tensor:
     u, s, vh = ctx.factors(i, tau)
     _record_energy(ctx, i, s, tau)
+    if ctx.is_low_rank(i, tau.shape):  # e.g. a LoRA delta of rank <= r: its own rank-r part
+        return tau
     return (u * s) @ vh
 
 
 def _lors(i: int, tau: Tensor, ctx: OpContext) -> Tensor:
+    if ctx.is_pruned(i, tau.shape):  # a compressed expert: already L + R_kept at these settings
+        return tau
     factors = ctx.factors(i, tau)
     _record_energy(ctx, i, factors[1], tau)
+    if ctx.is_low_rank(i, tau.shape):  # L is the task vector itself: the residual is zero
+        return tau
     return P.lors_prune(tau, len(factors[1]), ctx.params["keep"], factors=factors)
 
 
 def _record_energy(ctx: OpContext, expert: int, singular_values: Tensor, tau: Tensor) -> None:
+    if ctx.is_low_rank(expert, tau.shape):  # L = tau
+        ctx.record("energy_kept_low_rank", expert, 1.0)
+        return
     # ||L||_F^2 = sum of its squared singular values: no pass over the matrix needed.
     flat = tau.reshape(-1)
     total = float(torch.dot(flat, flat))
