@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from random_whisper import random_base  # benchmarks/ is the script's own folder
+from random_whisper import write_random_experts  # benchmarks/ is the script's own folder
 
 SMALL = dict(d_model=768, encoder_layers=12, decoder_layers=12, encoder_attention_heads=12,
              decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072,
@@ -33,21 +33,7 @@ SMALL = dict(d_model=768, encoder_layers=12, decoder_layers=12, encoder_attentio
 
 def make_models(root: Path, experts: int) -> None:
     """A random Whisper-small base and experts = base + low-rank-plus-noise task vectors."""
-    from safetensors.torch import save_file
-    config, shapes, base = random_base(SMALL)
-    g = torch.Generator().manual_seed(1)  # the experts' draws
-    for folder, tensors in [("base", base)] + [(f"e{i}", None) for i in range(experts)]:
-        if tensors is None:
-            tensors = {}
-            for n, b in base.items():
-                delta = torch.randn(b.shape, generator=g) * 1e-3
-                if b.dim() == 2 and "embed_positions" not in n:
-                    delta += (torch.randn(b.shape[0], 8, generator=g)
-                              @ torch.randn(8, b.shape[1], generator=g)) * 1e-3
-                tensors[n] = b + (0 if n == "model.encoder.embed_positions.weight" else delta)
-        (root / folder).mkdir(parents=True, exist_ok=True)
-        save_file(tensors, root / folder / "model.safetensors", metadata={"format": "pt"})
-        config.save_pretrained(root / folder)
+    write_random_experts(root, SMALL, experts)
 
 
 def peak_rss_bytes() -> int:

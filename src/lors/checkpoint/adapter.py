@@ -188,7 +188,9 @@ def _open_weights(folder: Path):
         if not isinstance(state, dict):
             raise CheckpointError(f"{pickled}: not a state dict of tensors")
         state = {k: v for k, v in state.items() if isinstance(v, Tensor)}
-        return pickled, {n: tuple(t.shape) for n, t in state.items()}, state.__getitem__
+        # a copy per read, as the safetensors read: callers modify what they read in place
+        shapes = {n: tuple(t.shape) for n, t in state.items()}
+        return pickled, shapes, lambda stored: state[stored].clone()
     raise CheckpointError(
         f"{folder}: {CONFIG_NAME} but no {WEIGHTS_NAME}; the adapter's weights are missing (an "
         f"{PICKLED_WEIGHTS_NAME} would be loaded with torch.load(weights_only=True) only, "

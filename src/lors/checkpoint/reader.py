@@ -47,11 +47,13 @@ class Checkpoint:
     _loaded: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def read(self, name: str) -> torch.Tensor:
-        """The tensor ``name`` as stored (dtype unchanged)."""
+        """The tensor ``name`` as stored (dtype unchanged), in fresh memory the caller owns:
+        callers modify it in place (``read_float(...).sub_(base)``), and a tensor read again
+        (a search's next point, global thresholds' second pass) must be the stored one."""
         if name in self._safetensors:
             handle, stored = self._safetensors[name]
             return handle.read(stored)
-        return self._loaded[name]
+        return self._loaded[name].clone()
 
     def fingerprint(self) -> dict:
         """A cheap content fingerprint: size and sha256 of each file's head, tail and 16 samples."""

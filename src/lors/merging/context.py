@@ -68,6 +68,15 @@ class OpContext:
     # not on its position among the experts (so a compressed expert made alone is the same
     # pruning as inside a merge). None: the expert's own generator.
     sketch_for: Callable[[], torch.Generator] | None = None
+    # The caller reads the task vectors for this op only (the search; the engine keeps them
+    # for calibration and diagnostics): an op that is done with an expert's task vector may
+    # drop it from the list it was given (:meth:`release`), so it is freed at once.
+    release_taus: bool = False
+
+    def release(self, taus: list, expert: int) -> None:
+        """Drop ``taus[expert]`` from the list when :attr:`release_taus` (else nothing)."""
+        if self.release_taus:
+            taus[expert] = None
 
     def record(self, key: str, expert: int, value: float) -> None:
         """Store one expert's diagnostic (safe from worker threads: one slot per expert)."""
@@ -107,10 +116,12 @@ class OpContext:
         centred matrix): it is part of the cache key, so different matrices never share one.
 
         With ``svd_cache`` (a search), a decomposition is computed once per (tensor, expert,
-        rank, SVD settings). Only the exact SVD is nested (its rank-r factors are the leading
-        ones of any larger rank), so only it reuses a larger rank's factors: a randomized
-        sketch of another size gives other factors, and reusing them would make the search
-        score a merge that ``lors merge`` never writes.
+        rank, SVD settings) and cached in memory of its own: rank-r factors, never views of
+        a full SVD's U and Vh, so the cache stays small (r (m + n + 1) per matrix and
+        expert). Only the exact SVD is nested (its rank-r factors are the leading ones of
+        any larger rank), so only it reuses a larger rank's factors: a randomized sketch of
+        another size gives other factors, and reusing them would make the search score a
+        merge that ``lors merge`` never writes.
         """
         rank = self.rank_for(tau.shape)
         known = self.known_for(expert) if not tag else None
@@ -124,16 +135,22 @@ class OpContext:
             key = (self.name, *tag, expert, "exact")
             cached = self.svd_cache.get(key)
             if cached is None or cached[1].numel() < min(rank, *tau.shape):
-                cached = self.svd_cache[key] = P.truncated_svd(tau, rank, **options)
+                cached = self.svd_cache[key] = _own(P.truncated_svd(tau, rank, **options))
             u, s, vh = cached
             return u[:, :rank], s[:rank], vh[:rank]
         key = (self.name, *tag, expert, rank, options["oversample"], options["niter"],
                self.params.get("seed"))
         if key not in self.svd_cache:
-            self.svd_cache[key] = P.truncated_svd(tau, rank, **options)
+            self.svd_cache[key] = _own(P.truncated_svd(tau, rank, **options))
         return self.svd_cache[key]
 
     def svd_options(self, expert: int) -> dict:
         generator = self.sketch_for() if self.sketch_for else self.generator_for(expert)
         return {"exact": self.params["svd"] == "exact", "oversample": self.params["svd_oversample"],
                 "niter": self.params["svd_niter"], "generator": generator}
+
+
+def _own(factors: Factors) -> Factors:
+    """``factors`` in memory of their own: the exact SVD's rank-r factors are views of the
+    full U and Vh (as large as the matrix), which a cache would otherwise keep alive."""
+    return tuple(t.clone() if t.untyped_storage().nbytes() > t.nbytes else t for t in factors)

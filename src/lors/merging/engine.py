@@ -101,12 +101,19 @@ def worker_pool(workers: int) -> Iterator[Executor | None]:
     pruning, always (even with one worker), a merge and ``lors compress`` prune alike.
     """
     # The main thread combines while workers still prune: it gets one thread too.
+    with one_torch_thread(), ThreadPoolExecutor(workers, initializer=torch.set_num_threads,
+                                                initargs=(1,)) as pool:
+        yield pool
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op torch thread in this thread meanwhile (see :func:`worker_pool`), then
+    the previous count again."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads,
-                                initargs=(1,)) as pool:
-            yield pool
+        yield
     finally:
         torch.set_num_threads(previous)
 

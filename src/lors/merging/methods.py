@@ -34,25 +34,48 @@ def sparsify_elect_combine(taus: Sequence[Tensor], ctx: OpContext, sparsify: Spa
                            elect: bool) -> Tensor:
     """combine_i(w_i * sparsify(tau_i)); combine = sum, or TIES' elected disjoint mean.
 
-    The inputs are never modified. With elect, the sign is elected on the weighted values, so
-    an expert's weight is also its say in the election.
+    The inputs are never modified (with ``ctx.release_taus``, the list's entries are dropped
+    once merged, see :class:`OpContext`). With elect, the sign is elected on the weighted
+    values, so an expert's weight is also its say in the election.
     """
     # Experts are pruned independently, so the engine's workers may prune them concurrently.
+    if elect:
+        return _elect_combine(taus, ctx, sparsify)
+    shape, like = taus[0].shape, {"dtype": taus[0].dtype, "device": taus[0].device}
     parts = (ctx.map(lambda item: sparsify(item[0], item[1], ctx), enumerate(taus))
              if sparsify else iter(taus))
-    if elect:
-        stacked = torch.stack(list(parts))
-        stacked *= torch.tensor(list(ctx.weights)).reshape(-1, *([1] * (stacked.dim() - 1)))
-        return P.disjoint_mean(stacked, P.elect_sign(stacked))
     merged = None
     for i, (part, tau, weight) in enumerate(zip(parts, taus, ctx.weights)):
         if ctx.is_zero(i):  # known to be zero (a matrix a LoRA leaves alone): adds nothing
-            continue
-        if merged is None:  # the first part becomes the accumulator; never an input tensor
+            pass
+        elif merged is None:  # the first part becomes the accumulator; never an input tensor
             merged = part * weight if part is tau else part.mul_(weight)
         else:
             merged.add_(part, alpha=weight)
-    return merged if merged is not None else torch.zeros_like(taus[0])
+        ctx.release(taus, i)
+        del part, tau
+    return merged if merged is not None else torch.zeros(shape, **like)
+
+
+def _elect_combine(taus: Sequence[Tensor], ctx: OpContext, sparsify: Sparsify | None
+                   ) -> Tensor:
+    """TIES' elected disjoint mean of the weighted sparsified task vectors. Each expert's
+    part is written into its row of the stack as soon as it is made (the same values as
+    stacking them all), so the parts and the stack are never all in memory at once, and the
+    stack is masked in place, one row at a time: besides the inputs (released as they are
+    used when ``ctx.release_taus``), the working set is the stack, one task vector per
+    expert, and a few single tensors, where stacking and masking it whole took about three
+    times that (the largest of any op's, on the token embedding)."""
+    stacked = taus[0].new_empty((len(taus), *taus[0].shape))
+
+    def fill(i: int) -> None:
+        tau = taus[i]
+        stacked[i].copy_(sparsify(i, tau, ctx) if sparsify else tau)
+        ctx.release(taus, i)
+    for _ in ctx.map(fill, range(len(taus))):
+        pass
+    stacked *= torch.tensor(list(ctx.weights)).reshape(-1, *([1] * (stacked.dim() - 1)))
+    return P.disjoint_mean(stacked, P.elect_sign(stacked), inplace=True)
 
 
 def _magnitude(i: int, tau: Tensor, ctx: OpContext) -> Tensor:

@@ -13,11 +13,13 @@ import torch
 from torch import Tensor
 
 
-def kth_largest(values: Tensor, k: int) -> Tensor:
+def kth_largest(values: Tensor, k: int, *, overwrite: bool = False) -> Tensor:
     """The k-th largest entry of ``values`` (any shape), 1 <= k <= numel, as a 0-d tensor.
 
     Exact, and never a full sort: on CPU an introselect (``numpy.partition``, linear time,
     about 10x faster than ``torch.kthvalue`` here); elsewhere ``torch.kthvalue``.
+    ``overwrite``: ``values`` is a temporary the caller drops, which the introselect may
+    reorder in place instead of a copy (the same value, one tensor less in memory).
     """
     flat = values.detach().reshape(-1)
     n = flat.numel()
@@ -25,6 +27,9 @@ def kth_largest(values: Tensor, k: int) -> Tensor:
         raise ValueError(f"k={k} outside 1..{n}")
     if flat.device.type == "cpu" and flat.dtype == torch.float32:
         array = flat.numpy()
+        if overwrite:  # flat is values itself, or a copy reshape made
+            array.partition(n - k)
+            return torch.tensor(array[n - k])
         return torch.tensor(np.partition(array, n - k)[n - k])
     return flat.kthvalue(n - k + 1).values
 
@@ -40,8 +45,10 @@ def magnitude_mask(x: Tensor, keep: float) -> Tensor:
         return torch.zeros_like(x, dtype=torch.bool)
     if k >= x.numel():
         return torch.ones_like(x, dtype=torch.bool)
+    # |x| twice rather than a copy of it: the selection reorders its own |x| in place, so
+    # at most one float tensor of x's size is alive here besides x (and then the mask)
+    threshold = kth_largest(x.abs(), k, overwrite=True)
     magnitude = x.abs()
-    threshold = kth_largest(magnitude, k)
     if magnitude.device.type == "cpu" and magnitude.dtype == torch.float32:
         # numpy's comparison is several times faster than torch's bool kernels on this CPU
         return torch.from_numpy(magnitude.numpy() >= threshold.numpy())
@@ -52,14 +59,16 @@ def zero_outside_(x: Tensor, mask: Tensor) -> Tensor:
     """Set the entries of ``x`` where ``mask`` is False to zero, in place; returns ``x``."""
     if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous():
         array = x.numpy()  # numpy's bool multiply is several times faster than torch's here
-        np.multiply(array, mask.numpy(), out=array)
+        with np.errstate(invalid="ignore"):  # inf * 0 is NaN, as torch's, without a warning
+            np.multiply(array, mask.numpy(), out=array)
         return x
     return x.mul_(mask)
 
 
 def magnitude_prune(x: Tensor, keep: float) -> Tensor:
     """``x`` with all but its top-``keep`` fraction of entries by magnitude set to zero."""
-    return zero_outside_(x.clone(memory_format=torch.contiguous_format), magnitude_mask(x, keep))
+    mask = magnitude_mask(x, keep)  # first: its temporaries are gone before the copy is made
+    return zero_outside_(x.clone(memory_format=torch.contiguous_format), mask)
 
 
 def truncated_svd(x: Tensor, rank: int, *, exact: bool = False, oversample: int = 10,
@@ -140,14 +149,34 @@ def elect_sign(stacked: Tensor) -> Tensor:
     return torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0).to(stacked.dtype)
 
 
-def disjoint_mean(stacked: Tensor, sign: Tensor) -> Tensor:
-    """Mean over experts (dim 0) of only the entries whose sign equals ``sign``.
+def disjoint_mean(stacked: Tensor, sign: Tensor, inplace: bool = False) -> Tensor:
+    """Mean over experts (dim 0) of only the entries whose sign equals ``sign`` (+1 or -1
+    per entry, :func:`elect_sign`).
 
-    Zero entries never count; where no expert agrees the result is 0.
+    Zero entries never count; where no expert agrees the result is 0. ``inplace`` zeroes
+    the disagreeing entries of ``stacked`` itself instead of a copy's (the same result).
+    One expert at a time, so no temporary as large as ``stacked`` is made (a whole-stack
+    mask would be cast to float for the product and to int64 for the count).
     """
-    agrees = torch.sign(stacked) == sign
-    total = (stacked * agrees).sum(dim=0)
-    return total / agrees.sum(dim=0).clamp(min=1)
+    masked = stacked if inplace else stacked.clone()
+    count = torch.zeros(sign.shape, dtype=stacked.dtype)  # small integers: exact
+    positive, negative = sign > 0, sign < 0  # sign(row) == sign, from masks only: a zero
+    for row in masked:                       # or NaN entry agrees with neither
+        agrees = (row > 0).logical_and_(positive).logical_or_((row < 0).logical_and_(negative))
+        zero_outside_(row, agrees)
+        _add_mask_(count, agrees)
+    return masked.sum(dim=0).div_(count.clamp_(min=1))
+
+
+def _add_mask_(count: Tensor, mask: Tensor) -> Tensor:
+    """``count += mask`` in place; numpy's casts the mask in small buffers, torch's makes a
+    float copy of it."""
+    if (count.device.type == "cpu" and count.dtype in (torch.float32, torch.float64)
+            and count.is_contiguous() and mask.is_contiguous()):
+        array = count.numpy()
+        np.add(array, mask.numpy(), out=array)
+        return count
+    return count.add_(mask)
 
 
 def weighted_sum(stacked: Tensor, weights: Sequence[float]) -> Tensor:
