@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from ..base import default_cache_dir, resolve_model_reference
@@ -57,14 +58,56 @@ def check_base_knows(base_dir: Path, pairs: list[tuple[str, str]]) -> None:
             raise LorsError(f"the base {base_dir} has no <|{whisper_task}|> token for {task}")
 
 
+_WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_SIZE")
+"""Where launchers (torchrun / accelerate launch, MPI) put the number of processes."""
+
+
+def _launched_processes() -> int:
+    for name in _WORLD_SIZE_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+def _has_accelerator_device() -> bool:
+    import torch
+
+    probe = getattr(torch, "accelerator", None)
+    return bool(probe.is_available()) if probe is not None else torch.cuda.is_available()
+
+
 def _accelerator(config: TrainConfig):
+    """The Accelerator of a run: one process, or every process a launcher started.
+
+    ``mixed_precision`` None takes the launcher's (``accelerate launch --mixed_precision``,
+    else no). Several processes on a machine without a GPU run on the CPU (gloo) even without
+    ``--cpu``: accelerate would otherwise treat each as a separate single-process run.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    launched = _launched_processes()
+    cpu = bool(config.cpu) or (launched > 1 and not _has_accelerator_device())
     # The global batch of a step is split across processes, so the schedule advances once per
     # optimizer step, not once per process (accelerate's default for per-process batches).
-    accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision,
+    accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision,
                               step_scheduler_with_optimizer=False)
+    if accelerator.num_processes != launched:
+        raise LorsError(f"the launcher started {launched} processes but accelerate sees "
+                        f"{accelerator.num_processes} ({accelerator.distributed_type}); each "
+                        "would train alone and write the same output. Launch with torchrun or "
+                        "accelerate launch --multi_gpu (see docs/distributed-training.md)")
+    if (launched == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+            and os.environ.get("MASTER_PORT")):
+        print("lors: note: this is one process; `accelerate launch --cpu --num_processes N` "
+              "starts only one without --mpirun_hostfile. For N CPU processes use "
+              "`accelerate launch --multi_gpu --num_processes N ... lors train --cpu` or "
+              "torchrun (see docs/distributed-training.md)", file=sys.stderr)
+    if config.batch_size < accelerator.num_processes:
+        raise LorsError(f"batch_size {config.batch_size} is the global batch, split across "
+                        f"the {accelerator.num_processes} processes; it must be at least "
+                        f"{accelerator.num_processes}")
     set_seed(config.seed)
     return accelerator
 
@@ -97,12 +140,19 @@ def train(config: TrainConfig, utterances: list[Utterance] | None = None,
     One pair: an expert. Several: the MTL model with balanced sampling, or with
     ``sequential`` one model per pair in turn, each stage saved under ``out/stages`` and the
     last stage's model at ``out`` itself. ``utterances`` overrides the manifest.
+
+    Under ``accelerate launch`` or ``torchrun`` every process calls this; ``batch_size`` is
+    the global batch, split across them, and only the main process writes (see
+    docs/distributed-training.md).
     """
-    base_dir, selection = prepare(config, utterances)
-    if selection.missing_audio:
+    accelerator = _accelerator(config)
+    # the main process first: it may render the default speech or convert the embedded base
+    # into the cache, which the other processes then only read
+    with accelerator.main_process_first():
+        base_dir, selection = prepare(config, utterances)
+    if selection.missing_audio and accelerator.is_main_process:
         print(f"lors: skipped {len(selection.missing_audio)} utterances with missing audio "
               f"(first: {selection.missing_audio[0]})")
-    accelerator = _accelerator(config)
     out = Path(config.out)
     if not config.sequential:
         summary = train_stage(config, accelerator, base_dir, selection.pairs, out,

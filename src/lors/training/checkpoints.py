@@ -2,9 +2,10 @@
 
 A checkpoint is accelerate's state (model, optimizer, scheduler and every process's RNG) plus
 ``trainer_state.json``, written into ``step-N.tmp`` (one name every process agrees on) and
-published as ``step-N`` (``fsutil.publish``) only when complete; older checkpoints are removed
-after that. A full disk or a kill while saving therefore leaves the previous checkpoint as the
-newest valid one.
+published as ``step-N`` (``fsutil.publish``) by the main process once every process has
+written its part; older checkpoints are removed after that. A full disk or a kill while
+saving therefore leaves the previous checkpoint as the newest valid one. The folder must be
+on a file system every process sees (one machine, or a shared file system across machines).
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def save_checkpoint(accelerator, folder: Path, step: int, state: dict) -> Path:
         accelerator.wait_for_everyone()
         with _quiet_shared_tensor_notice():
             accelerator.save_state(str(tmp))
+        # every process writes its own RNG state into ``tmp``: all must be done before the
+        # main process publishes (renames) it
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
             publish(tmp, final, force=True)

@@ -28,6 +28,11 @@ class TrainConfig(BaseModel):
     of the steps) and at the last step; checkpoints are saved at those evaluations unless
     ``save_every`` is given. ``patience``: stop once the dev score has not improved for that
     many consecutive dev evaluations (None: train to the cap).
+
+    ``batch_size`` is the global batch of one optimizer step: under several processes
+    (``accelerate launch``, ``torchrun``) it is split across them, so a run gives the same
+    result (up to float rounding) whatever the number of processes. ``mixed_precision``
+    None takes the launcher's setting (``accelerate launch --mixed_precision``), else no.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -56,7 +61,7 @@ class TrainConfig(BaseModel):
     max_missing_fraction: float = Field(default=0.1, ge=0, le=1)
     lora_rank: int = Field(default=8, ge=1)
     lora_alpha: float = Field(default=16.0, gt=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None  # None: the launcher's, else no
     cpu: bool = False
     cache_dir: str | None = None
     force: bool = False

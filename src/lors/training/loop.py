@@ -2,9 +2,20 @@
 
 Data path: selected utterances -> prompts/labels -> deterministic balanced batches -> features
 on each batch's short encoder window (or cached encoder outputs) -> AdamW with warmup and
-linear decay, through accelerate (one CPU process, or one process per GPU under
-``accelerate launch``) -> dev metric at the scheduled evaluations -> best weights (stopping
-early on a dev plateau with ``patience``) -> a standard Whisper folder.
+linear decay, through accelerate (one CPU process, or several processes under
+``accelerate launch`` / ``torchrun``) -> dev metric at the scheduled evaluations -> best
+weights (stopping early on a dev plateau with ``patience``) -> a standard Whisper folder.
+
+Several processes (data parallel, see docs/distributed-training.md): ``batch_size`` is the
+global batch of an optimizer step. Every process computes the same plan of global batches and
+takes its own slice of each (process k: items k, k + N, k + 2N, ... of N processes); its loss
+is its share of the global batch's summed token loss, divided by the global batch's label
+tokens and multiplied by N, so the gradient averaged by DistributedDataParallel is exactly
+the single-process gradient of the global batch. The data order, the steps, the learning
+rate schedule and the result therefore do not depend on the number of processes (up to
+float rounding). Dev evaluation runs on every process and the main process's scores are
+broadcast, so the best step and the plateau decision are the same everywhere; only the main
+process writes the log, best weights and the model, and checkpoints are shared.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import BaseModelOutput
 
@@ -32,6 +44,7 @@ from .data import PairData
 from .dev import mean_score, pair_dev_scores
 from .inputs import cached_encoder_outputs, clip_features, clip_positions, fit_window
 from .modes import export_model, load_whisper, prepare_model, trainable_state
+from .prompts import IGNORE_INDEX
 
 StepHook = Callable[[int, dict], None]
 """Called after every optimizer step with (steps done, the step's log record)."""
@@ -84,20 +97,25 @@ def train_stage(config: TrainConfig, accelerator, base_dir: Path, pairs: list[Pa
     steps = config.max_steps or schedule.steps_for_epochs(sizes, config.epochs, config.batch_size)
     evaluations = set(schedule.evaluation_steps(steps, config.eval_every, config.eval_times))
     fingerprint = config.fingerprint(base=str(base_dir), stage=stage, steps=steps,
-                                     data=[p.train_ids + p.dev_ids for p in examples])
+                                     data=[p.train_ids + p.dev_ids for p in examples],
+                                     precision=accelerator.mixed_precision)
     _claim_work_dir(work, fingerprint, config.force, accelerator)
     show = config.show_progress and accelerator.is_local_main_process
 
     plan = schedule.batches(sizes, config.seed, steps, config.batch_size)
     # one encoder window per (global) batch: evaluation's window for its longest clip
     windows = [clip_positions([pairs[p].train[i] for p, i in batch], full, hop) for batch in plan]
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = [batch[rank::world] for batch in plan]  # this process's slice of every batch
+    # label tokens of every global batch: each process divides its summed loss by these
+    tokens = [sum(_label_tokens(examples[p].train[i]) for p, i in batch) for batch in plan]
     cached = config.mode == "freeze-encoder"
     cache = None
     if cached:
         cache = Path(config.cache_dir) if config.cache_dir else _default_cache()
         cache = cache / "encoder-outputs"
         whisper.to(accelerator.device)
-    inputs = _Inputs(extractor, whisper, pairs, earlier, plan, windows, full, cache, show)
+    inputs = _Inputs(extractor, whisper, pairs, earlier, mine, windows, full, cache, show)
 
     model = prepare_model(whisper, config.mode, config.lora_rank, config.lora_alpha)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -108,36 +126,51 @@ def train_stage(config: TrainConfig, accelerator, base_dir: Path, pairs: list[Pa
 
     state = {"step": 0, "best_score": None, "best_step": None, "train_seconds": 0.0,
              "samples": 0, "best_pairs": None, "evals_without_improvement": 0,
-             "dev_curve": [], "dev_seen_curve": [], "stopped_early": False}
+             "dev_curve": [], "dev_seen_curve": [], "stopped_early": False,
+             "process_samples": [0] * world}
     latest = checkpoints.latest_checkpoint(work / "checkpoints")
     if latest is not None:
         state.update(checkpoints.load_checkpoint(accelerator, latest))
+    # examples this process has trained on (restored from the checkpoint; recomputed from the
+    # plan when the checkpoint was written by another number of processes)
+    counted = state.get("process_samples") or []
+    my_samples = (counted[rank] if len(counted) == world
+                  else sum(len(batch) for batch in mine[:state["step"]]))
     log = _JsonlLog(work / "train_log.jsonl", state["step"], accelerator.is_main_process)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     metric = config.select.replace("-", "_")
 
     def batch_for(step: int) -> dict:
-        mine = plan[step][accelerator.process_index::accelerator.num_processes]
-        chosen = [(examples[p].train_ids[i], examples[p].train[i]) for p, i in mine]
+        chosen = [(examples[p].train_ids[i], examples[p].train[i]) for p, i in mine[step]]
         batch = collate([inputs.train(uid, windows[step]) for uid, _ in chosen],
                         [e for _, e in chosen], pad_id)
         batch["positions"] = windows[step]
         return batch
 
-    def forward(batch: dict):
+    def summed_loss(batch: dict) -> torch.Tensor:
+        """This process's summed token cross-entropy (float32) on its slice of a batch."""
         device = accelerator.device
-        kwargs = {"decoder_input_ids": batch["decoder_input_ids"].to(device),
-                  "labels": batch["labels"].to(device)}
+        decoder = batch["decoder_input_ids"].to(device)
         if cached:
             hidden = batch["inputs"].to(device)
-            return model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), **kwargs)
-        with encoder_window(whisper, batch["positions"]):
-            return model(input_features=batch["inputs"].to(device), **kwargs)
+            logits = model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+                           decoder_input_ids=decoder).logits
+        else:
+            with encoder_window(whisper, batch["positions"]):
+                logits = model(input_features=batch["inputs"].to(device),
+                               decoder_input_ids=decoder).logits
+        labels = batch["labels"].to(device)
+        return torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+            ignore_index=IGNORE_INDEX, reduction="sum")
 
     def scores(examples_, pairs_) -> dict[str, float | None]:
-        return pair_dev_scores(config.select, accelerator.unwrap_model(model), whisper,
-                               processor, examples_, inputs.dev, pairs_, cached, pad_id,
-                               accelerator.device)
+        """Dev scores, computed on every process; the main process's are used everywhere,
+        so every process takes the same best-step and stopping decisions."""
+        local = pair_dev_scores(config.select, accelerator.unwrap_model(model), whisper,
+                                processor, examples_, inputs.dev, pairs_, cached, pad_id,
+                                accelerator.device)
+        return broadcast_object_list([local])[0] if world > 1 else local
 
     best, best_info = None, None  # a best-so-far snapshot not yet on disk
     bar = tqdm(total=steps, initial=state["step"], desc=f"train {stage}".strip(), unit="step",
@@ -147,8 +180,11 @@ def train_stage(config: TrainConfig, accelerator, base_dir: Path, pairs: list[Pa
         model.train()
         batch = batch_for(step)
         started = time.perf_counter()
-        loss = forward(batch).loss
-        accelerator.backward(loss)
+        summed = summed_loss(batch)
+        # DDP averages gradients over processes: scaled by ``world``, the average is the
+        # gradient of the global batch's mean token loss
+        accelerator.backward(summed * (world / tokens[step]))
+        my_samples += len(mine[step])
         if config.max_grad_norm is not None:
             accelerator.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
@@ -158,7 +194,11 @@ def train_stage(config: TrainConfig, accelerator, base_dir: Path, pairs: list[Pa
         samples = len(plan[step])
         state.update(step=step + 1, train_seconds=state["train_seconds"] + seconds,
                      samples=state["samples"] + samples)
-        record = {"step": step + 1, "loss": round(loss.item(), 6),
+        loss = summed.detach()
+        if world > 1:
+            loss = accelerator.reduce(loss, reduction="sum")
+        loss = loss.item() / tokens[step]  # the global batch's mean token loss
+        record = {"step": step + 1, "loss": round(loss, 6),
                   "lr": scheduler.get_last_lr()[0], "samples_per_second": samples / seconds,
                   "step_seconds": seconds, "encoder_positions": windows[step], "stage": stage}
         log.write(record)
@@ -179,8 +219,10 @@ def train_stage(config: TrainConfig, accelerator, base_dir: Path, pairs: list[Pa
                                               or score > state["best_score"])
             if improved or (score is None and done == steps):
                 state.update(best_score=score, best_step=done, best_pairs=own)
-                # kept in memory; written to disk only with the next checkpoint (below)
-                best = trainable_state(accelerator.unwrap_model(model))
+                # kept in memory (by the main process, which alone writes it); written to
+                # disk only with the next checkpoint (below)
+                if accelerator.is_main_process:
+                    best = trainable_state(accelerator.unwrap_model(model))
                 best_info = {"step": done, "score": score, "metric": config.select}
             if improved:
                 state["evals_without_improvement"] = 0
@@ -197,14 +239,28 @@ def train_stage(config: TrainConfig, accelerator, base_dir: Path, pairs: list[Pa
             if best is not None and accelerator.is_main_process:
                 checkpoints.save_best(work, best, best_info)  # before the checkpoint naming it
                 best = None
+            state["process_samples"] = _gathered(accelerator, my_samples)
             checkpoints.save_checkpoint(accelerator, work / "checkpoints", done, state)
         if on_step is not None:
             on_step(done, record)
         if stop:
             break
     bar.close()
+    state["process_samples"] = _gathered(accelerator, my_samples)
     return _finish(config, accelerator, model, base_dir, work, out, state, steps,
                    windows[:state["step"]], inputs.dev_windows, hop, pairs, stage, best)
+
+
+def _label_tokens(example) -> int:
+    return sum(1 for label in example.labels if label != IGNORE_INDEX)
+
+
+def _gathered(accelerator, count: int) -> list[int]:
+    """``count`` of every process, in process order (all processes must call this)."""
+    if accelerator.num_processes == 1:
+        return [count]
+    value = torch.tensor([count], dtype=torch.long, device=accelerator.device)
+    return [int(v) for v in accelerator.gather(value).cpu().tolist()]
 
 
 class _Inputs:
@@ -219,13 +275,16 @@ class _Inputs:
     def __init__(self, extractor, whisper, pairs: list[PairData], earlier: list[PairData],
                  plan: list, windows: list[int], full: int, cache: Path | None,
                  show: bool) -> None:
+        """``plan``: the (pair, example) items of each step this process trains on (its
+        slice of the global batches); only those train clips are prepared."""
         hop = extractor.hop_length
         dev = {u.id: u for p in pairs + earlier for u in p.dev}
         self.own = {uid: clip_positions([u], full, hop) for uid, u in dev.items()}
         self.dev_windows = sorted(set(self.own.values()))
         self.encoded: dict[tuple[str, int], torch.Tensor] | None = None
         if cache is None:
-            utterances = {u.id: u for p in pairs for u in p.train} | dev
+            train = {pairs[p].train[i].id: pairs[p].train[i] for batch in plan for p, i in batch}
+            utterances = train | dev
             self.features = clip_features(extractor, list(utterances.values()), full, show)
             self.dev = {uid: self.features[uid] for uid in dev}
             return
@@ -255,10 +314,7 @@ def _finish(config, accelerator, model, base_dir, work, out, state, steps, batch
     ``work/model`` and publish it at ``out`` (an existing one, under --force, is deleted only
     once the new one is in place). ``batch_windows``: the encoder window of every step taken;
     ``dev_windows``: those of the dev clips."""
-    unwrapped = accelerator.unwrap_model(model)
-    best = best if best is not None else checkpoints.load_best(work)
-    if best is not None:
-        unwrapped.load_state_dict(best, strict=False)
+    accelerator.wait_for_everyone()  # every process is done with the last step
     positions = max(batch_windows + dev_windows)
     seconds: dict[str, int] = {}  # steps per window length
     for window in batch_windows:
@@ -276,15 +332,25 @@ def _finish(config, accelerator, model, base_dir, work, out, state, steps, batch
                "encoder_positions": positions, "batch_windows_seconds": seconds,
                "base": str(base_dir), "seed": config.seed,
                "learning_rate": config.lr, "batch_size": config.batch_size,
+               "mixed_precision": accelerator.mixed_precision,
                "train_utterances": {f"{p.language}-{p.task}": len(p.train) for p in pairs},
                "dev_utterances": {f"{p.language}-{p.task}": len(p.dev) for p in pairs},
                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "device": str(accelerator.device), "processes": accelerator.num_processes}
+               "device": str(accelerator.device), "processes": accelerator.num_processes,
+               # the global batch split: examples per process in a full batch, and examples
+               # each process trained on (counted by each process itself)
+               "process_batch": [len(range(k, config.batch_size, accelerator.num_processes))
+                                 for k in range(accelerator.num_processes)],
+               "process_samples": state["process_samples"]}
     if state["dev_seen_curve"]:
         summary["dev_seen_curve"] = state["dev_seen_curve"]
     if torch.cuda.is_available():
         summary["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # the only writer; the others wait at the barrier below
+        unwrapped = accelerator.unwrap_model(model)
+        best = best if best is not None else checkpoints.load_best(work)
+        if best is not None:
+            unwrapped.load_state_dict(best, strict=False)
         folder = work / "model"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir()

@@ -31,10 +31,14 @@ def load_whisper(model_dir: Path):
 def prepare_model(whisper, mode: str, lora_rank: int = 8, lora_alpha: float = 16.0):
     """The module to optimise: ``whisper`` itself (full, freeze-encoder) or a peft LoRA wrapper.
 
-    full: everything trains except the encoder's fixed sinusoidal position table (frozen in
-    Whisper). freeze-encoder: the encoder is frozen (its outputs are cached elsewhere).
-    lora: only the LoRA factors train (dropout 0, so runs are deterministic).
+    full: everything trains except the encoder's fixed sinusoidal position table, frozen
+    here explicitly: transformers 5 loads it with ``requires_grad=True``, and a trainable
+    parameter that never gets a gradient (the table gets none through the short view
+    ``encoder_window`` swaps in) stops DistributedDataParallel at the second step.
+    freeze-encoder: the encoder is frozen (its outputs are cached elsewhere). lora: only the
+    LoRA factors train (dropout 0, so runs are deterministic).
     """
+    whisper.model.encoder.embed_positions.requires_grad_(False)
     if mode == "freeze-encoder":
         whisper.model.encoder.requires_grad_(False)
         return whisper
