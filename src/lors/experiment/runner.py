@@ -4,6 +4,10 @@ base (zero-shot) -> experts per (language, task) -> MTL and sequential models pe
 dev search of every merge method (decompositions computed once) -> the chosen merges, written
 by the streaming engine -> test evaluation of everything -> normalised performance ->
 extensibility -> report (markdown, HTML, plots).
+
+``lors experiment --jobs N`` (or ``--executor ray|slurm``) first computes the independent
+stages in parallel (:mod:`.parallel`, through the helpers below), then runs this same
+function, which finds every stage cached.
 """
 
 from __future__ import annotations
@@ -146,8 +150,7 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
     experts, expert_eval = {}, {}
     for pair in pairs:
         say(f"expert {pair[0]}-{pair[1]}")
-        experts[pair] = exp.expert(pair)
-        expert_eval[pair] = exp.test_results(f"expert-{pair[0]}-{pair[1]}", experts[pair]["path"], [pair])
+        experts[pair], expert_eval[pair] = expert_results(exp, pair)
     expert_test = {pair: expert_eval[pair]["results"][0] for pair in pairs}
     training = [{"name": f"expert {l}-{t}", "kind": "expert", "setting": None,
                  "pairs": [[l, t]], **experts[(l, t)]} for l, t in pairs]
@@ -159,29 +162,22 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
         for baseline in config.baselines:
             if len(setting_pairs) < 2:
                 continue
-            trained = getattr(exp, baseline)(setting, setting_pairs)
+            trained, result = baseline_results(exp, baseline, setting, setting_pairs)
             training.append({"name": baseline, "kind": baseline, "setting": setting,
                              "pairs": [list(p) for p in setting_pairs], **trained})
-            result = exp.test_results(f"{baseline}-{setting}", trained["path"], setting_pairs)
             models.append(_row(baseline, baseline, result, setting_pairs, expert_test,
                                train_s=trained["train_s"]))
         search = SettingSearch(exp, setting, setting_pairs, experts)
         names = search.expert_paths
         for method in config.methods:
             say(f"  search {method}")
-            points = search.points(method, config.grid(method), config.search.widen_edges)
-            if config.search.block_lambdas:
-                points += search.block_lambdas(method, points, config.search.block_lambdas)
+            points, best, merged, result = method_results(exp, search, method)
             sweeps += points
-            best = best_point(points)
-            merged = exp.merged(setting, method, best["params"], names)
-            result = exp.test_results(f"merge-{setting}-{method}", merged["path"], setting_pairs)
             search_s = sum(p["seconds"] for p in points)
             models.append(_row(method, "merge", result, setting_pairs, expert_test,
                                params=best["params"], merge_s=merged["merge_s"] + search_s,
                                train_s=sum(experts[p]["train_s"] for p in setting_pairs)))
-        matrix = cached_json(exp.out / "search" / f"{setting}-cosines-{exp.train_key}.json",
-                             lambda: {"matrix": search.vectors().cosines()})["matrix"]
+        matrix = setting_cosines(exp, search)
         cosines.append({"setting": setting, "labels": list(names), "matrix": matrix})
         _add_intervals(models, setting_pairs, expert_test)
         settings.append({"name": setting, "title": title, "pairs": [list(p) for p in setting_pairs],
@@ -197,6 +193,48 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
     experiment["report"] = {k: str(v) if not isinstance(v, list) else [str(x) for x in v]
                             for k, v in write_report(experiment, exp.out / "report").items()}
     return experiment
+
+
+# --- the stages of one experiment, shared by run_experiment and the parallel scheduler ------
+# (.parallel computes them in worker processes first; run_experiment then finds them cached)
+
+def expert_results(exp: Experiment, pair) -> tuple[dict, dict]:
+    """The expert of ``pair`` (trained) and its test evaluation."""
+    pair = tuple(pair)
+    expert = exp.expert(pair)
+    return expert, exp.test_results(f"expert-{pair[0]}-{pair[1]}", expert["path"], [pair])
+
+
+def baseline_results(exp: Experiment, baseline: str, setting: str, pairs) -> tuple[dict, dict]:
+    """The ``baseline`` model of ``setting`` (mtl, mtl_plateau, sequential) and its test
+    evaluation."""
+    trained = getattr(exp, baseline)(setting, pairs)
+    return trained, exp.test_results(f"{baseline}-{setting}", trained["path"], pairs)
+
+
+def setting_search(exp: Experiment, setting: str, pairs) -> SettingSearch:
+    """The setting's dev search (its experts' dev scores computed on creation)."""
+    return SettingSearch(exp, setting, pairs, {tuple(p): exp.expert(tuple(p)) for p in pairs})
+
+
+def method_results(exp: Experiment, search: SettingSearch, method: str
+                   ) -> tuple[list[dict], dict, dict, dict]:
+    """``method``'s dev search in ``search``'s setting, its chosen merge and that merge's test
+    evaluation: (points, best point, merge cost record, test results)."""
+    config = exp.config
+    points = search.points(method, config.grid(method), config.search.widen_edges)
+    if config.search.block_lambdas:
+        points += search.block_lambdas(method, points, config.search.block_lambdas)
+    best = best_point(points)
+    merged = exp.merged(search.name, method, best["params"], search.expert_paths)
+    result = exp.test_results(f"merge-{search.name}-{method}", merged["path"], search.pairs)
+    return points, best, merged, result
+
+
+def setting_cosines(exp: Experiment, search: SettingSearch) -> list:
+    """The cosine similarities of the setting's task vectors (cached)."""
+    return cached_json(exp.out / "search" / f"{search.name}-cosines-{exp.train_key}.json",
+                       lambda: {"matrix": search.vectors().cosines()})["matrix"]
 
 
 def _row(name, kind, evaluation, pairs, expert_test, params=None, train_s=None,

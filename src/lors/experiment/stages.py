@@ -4,7 +4,9 @@ Every stage's output lives under the experiment folder at a path named by a hash
 inputs, and is written atomically (models through ``train``/``merge``, JSON through
 ``atomic_file``). A stage whose output exists is skipped, so an interrupted experiment
 resumes where it stopped and changing a merge hyper-parameter re-runs only the search and
-merges: the experts' path depends only on the data and the training recipe.
+merges: the experts' path depends only on the data and the training recipe. A stage is
+computed under its lock file (:mod:`.locks`), so workers sharing the folder (``lors
+experiment --jobs``, Ray, SLURM: :mod:`.parallel`) compute each stage once.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from ..evaluation import evaluate
 from ..fsutil import atomic_file
 from ..training import TrainConfig, train
+from .locks import stage_lock
 
 
 def device_name() -> str:
@@ -26,13 +29,28 @@ def device_name() -> str:
 
 
 def cached_json(path: Path, compute: Callable[[], dict]) -> dict:
-    """``path``'s JSON if it exists; else ``compute()``, written atomically and returned."""
+    """``path``'s JSON if it exists; else ``compute()``, written atomically and returned.
+
+    Computed under the stage's lock (:mod:`.locks`): a worker that needs a stage another
+    worker is computing waits for it instead of computing it too."""
+    path = Path(path)
     if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
-    value = compute()
+        return _read_json(path)
+    with stage_lock(path, path.is_file) as mine:
+        if not mine or path.is_file():  # another worker computed it meanwhile
+            return _read_json(path)
+        value = compute()
+        _write_json(path, value)
+    return value
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _write_json(path: Path, value: dict) -> None:
     with atomic_file(path, "w", encoding="utf-8") as handle:
         handle.write(json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n")
-    return value
 
 
 def cached_model(path: Path, build: Callable[[], None], cost_key: str,
@@ -40,17 +58,23 @@ def cached_model(path: Path, build: Callable[[], None], cost_key: str,
     """Build the model folder ``path`` unless it and its cost file exist; return
     ``{"path", cost_key: seconds, "device"}``, stored beside the model so a cached model keeps
     its cost (wall-clock time of ``build``)."""
+    path = Path(path)
     cost_file = path.with_name(path.name + ".cost.json")
-    if path.is_dir() and cost_file.is_file():
-        return json.loads(cost_file.read_text())
 
-    def run() -> dict:
+    def done() -> bool:
+        return path.is_dir() and cost_file.is_file()
+    if done():
+        return _read_json(cost_file)
+    with stage_lock(cost_file, done) as mine:
+        if not mine or done():  # another worker built it meanwhile
+            return _read_json(cost_file)
+        cost_file.unlink(missing_ok=True)  # a cost without its model (deleted by hand) is stale
         started = time.perf_counter()
         build()
-        return {"path": str(path), cost_key: time.perf_counter() - started,
-                "device": device or device_name()}
-    cost_file.unlink(missing_ok=True)  # a cost without its model (deleted by hand) is stale
-    return cached_json(cost_file, run)
+        value = {"path": str(path), cost_key: time.perf_counter() - started,
+                 "device": device or device_name()}
+        _write_json(cost_file, value)
+    return value
 
 
 def trained_model(path: Path, config: TrainConfig, utterances: list) -> dict:
