@@ -1,19 +1,36 @@
-"""Merge speed and memory on Whisper-small-shaped models (random weights), as ratios.
+"""Merge speed and memory against the I/O floor, on Whisper-shaped models (random weights).
 
-Prints, measured in one run on this machine:
-  - lors LoRS time / lors task-arithmetic time            (target <= 1.5)
-  - lors LoRS time / naive full-SVD LoRS time              (target <= 0.2)
-  - peak RSS of a lors merge / (one model + one tensor per expert)   (target <= ~1.5)
-  - peak RSS with 5 experts / peak RSS with 2 experts      (growth: one tensor per expert)
-Each merge runs in its own process so its peak resident memory (VmHWM) is its own.
+One run measures, on this machine:
+  - the I/O floor: the simplest streaming loop with safetensors (for each tensor name: read
+    the base's and every expert's copy, one accumulate, then write one output file, fsynced
+    as lors fsyncs its output)
+  - task arithmetic / floor                         (target <= 1.1, diagnostics off)
+  - LoRS / task arithmetic, diagnostics off         (target <= 1.3)
+  - LoRS / task arithmetic, diagnostics on          (target <= 1.5)
+  - TIES / task arithmetic, diagnostics off         (target <= 2.0)
+  - peak RSS TIES / peak RSS task arithmetic        (target <= 1.2)
+  - peak RSS of each merge against the model size, the largest tensor and the runtime (a
+    process that imports lors and merges nothing): memory must be bounded by a few tensors
+    per expert plus the runtime, never by the model size.
+Each merge (and the floor) runs in its own process, so its time and its peak resident memory
+(VmHWM) are its own; times exclude interpreter start and imports. The machine is noisy, so
+the runs alternate in rounds (floor, TA, LoRS, TIES, TA, LoRS with diagnostics) and each
+ratio is the median over rounds of the ratio within a round (back-to-back runs).
 
-    python benchmarks/bench_merge.py [--workdir DIR] [--experts 5] [--skip-naive]
+    python benchmarks/bench_merge.py [--workdir DIR] [--experts 5] [--repeats 3]
+    python benchmarks/bench_merge.py --shape large-v3 --dtype float16 --repeats 1
+    python benchmarks/bench_merge.py --naive   # also the research-code LoRS (small only)
+
+Models are written to --workdir (kept) or a temporary folder (removed at the end); large-v3
+in float16 needs about 3.1 GB per model (6 models + one output: ~22 GB of disk).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -26,14 +43,19 @@ import torch
 
 from random_whisper import write_random_experts  # benchmarks/ is the script's own folder
 
-SMALL = dict(d_model=768, encoder_layers=12, decoder_layers=12, encoder_attention_heads=12,
-             decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072,
-             vocab_size=51865, num_mel_bins=80)
-
-
-def make_models(root: Path, experts: int) -> None:
-    """A random Whisper-small base and experts = base + low-rank-plus-noise task vectors."""
-    write_random_experts(root, SMALL, experts)
+SHAPES = {
+    "small": dict(d_model=768, encoder_layers=12, decoder_layers=12, encoder_attention_heads=12,
+                  decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072,
+                  vocab_size=51865, num_mel_bins=80),
+    "large-v3": dict(d_model=1280, encoder_layers=32, decoder_layers=32,
+                     encoder_attention_heads=20, decoder_attention_heads=20,
+                     encoder_ffn_dim=5120, decoder_ffn_dim=5120, vocab_size=51866,
+                     num_mel_bins=128),
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SHARD_BYTES = 2_000_000_000  # as lors (and HF) shard: large-v3 is two shards per model
+TARGETS = {"ta/floor": 1.1, "lors/ta nodiag": 1.3, "lors/ta diag": 1.5, "ties/ta": 2.0,
+           "ties/ta rss": 1.2}
 
 
 def peak_rss_bytes() -> int:
@@ -41,6 +63,43 @@ def peak_rss_bytes() -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def model_files(folder: Path) -> dict[str, Path]:
+    """tensor name -> the safetensors file holding it (single file or HF shards)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return {n: folder / f for n, f in json.loads(index.read_text())["weight_map"].items()}
+    from safetensors import safe_open
+    with safe_open(folder / "model.safetensors", framework="pt") as handle:
+        return {n: folder / "model.safetensors" for n in handle.keys()}
+
+
+def run_floor(root: Path, experts: int, out: Path) -> dict:
+    """The I/O floor: read every input tensor, one accumulate per expert, write one file."""
+    from contextlib import ExitStack
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    start = time.perf_counter()
+    with ExitStack() as stack:
+        models = []
+        for folder in ["base"] + [f"e{i}" for i in range(experts)]:
+            files = model_files(root / folder)
+            handles = {f: stack.enter_context(safe_open(f, framework="pt"))
+                       for f in set(files.values())}
+            models.append({n: handles[f] for n, f in files.items()})
+        merged = {}
+        for name, handle in models[0].items():
+            total = handle.get_tensor(name)
+            for model in models[1:]:
+                total += model[name].get_tensor(name)
+            merged[name] = total
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(merged, out / "model.safetensors", metadata={"format": "pt"})
+    with open(out / "model.safetensors", "rb") as handle:
+        os.fsync(handle.fileno())
+    return {"seconds": time.perf_counter() - start}
 
 
 def run_lors(root: Path, method: str, experts: int, out: Path, diagnostics: bool,
@@ -83,36 +142,70 @@ def run_naive(root: Path, experts: int, out: Path) -> dict:
 
 
 def child(args: argparse.Namespace) -> None:
-    root, out = Path(args.workdir), Path(args.workdir) / f"out-{args.child}"
-    if args.child == "naive":
+    root, out = Path(args.workdir), Path(args.workdir) / f"out-{args.child.replace(':', '-')}"
+    shutil.rmtree(out, ignore_errors=True)  # not timed: a merge into a fresh directory
+    if args.child != "runtime":
+        import lors.merging  # noqa: F401  (imports are not counted in the CPU time either)
+        import safetensors.torch  # noqa: F401
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    args.cpu_before = usage.ru_utime + usage.ru_stime
+    if args.child == "runtime":  # what the interpreter, torch and lors hold before any merge
+        import lors.merging  # noqa: F401
+        result = {"seconds": 0.0}
+    elif args.child == "floor":
+        result = run_floor(root, args.experts, out)
+    elif args.child == "naive":
         result = run_naive(root, args.experts, out)
     else:
         method, _, flag = args.child.partition(":")
         result = run_lors(root, method, args.experts, out, diagnostics=flag != "nodiag",
                           exact=flag == "exact")
     result["peak_rss"] = peak_rss_bytes()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["cpu"] = usage.ru_utime + usage.ru_stime - args.cpu_before
+    shutil.rmtree(out, ignore_errors=True)
     print("RESULT " + json.dumps(result))
 
 
-def measure(workdir: Path, what: str, experts: int) -> dict:
-    """One merge in a fresh process: its wall time and its own peak resident memory."""
+def measure(args: argparse.Namespace, workdir: Path, what: str, experts: int) -> dict:
+    """One run in a fresh process: its wall time and its own peak resident memory."""
     cmd = [sys.executable, __file__, "--workdir", str(workdir), "--experts", str(experts),
            "--child", what]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{what} failed:\n{proc.stderr[-3000:]}")
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
     result = json.loads(line[7:])
-    print(f"  {what:<24} experts={experts}  {result['seconds']:8.2f} s  "
-          f"peak RSS {result['peak_rss'] / 2**30:6.2f} GiB", flush=True)
+    print(f"  {what:<22} experts={experts}  {result['seconds']:8.2f} s  "
+          f"(CPU {result['cpu']:6.2f} s)  peak RSS {result['peak_rss'] / 2**30:6.2f} GiB",
+          flush=True)
     return result
+
+
+def model_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def verdict(value: float, target: float) -> str:
+    return f"(target <= {target}: {'met' if value <= target else 'NOT met'})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir")
     parser.add_argument("--experts", type=int, default=5)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="storage dtype of the random models (and so of the merge)")
     parser.add_argument("--child")
-    parser.add_argument("--skip-naive", action="store_true")
-    parser.add_argument("--repeats", type=int, default=3, help="back-to-back TA/LoRS pairs")
+    parser.add_argument("--naive", action="store_true",
+                        help="also the research-code LoRS (whole models in memory; small only)")
+    parser.add_argument("--no-ties", dest="ties", action="store_false")
+    parser.add_argument("--no-diag-pair", dest="diag_pair", action="store_false",
+                        help="skip the TA/LoRS pair with diagnostics on")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of back-to-back runs")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
     if args.threads:
@@ -120,42 +213,71 @@ def main() -> None:
     if args.child:
         return child(args)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="lors-bench-"))
-    if not (workdir / "base" / "model.safetensors").exists():
-        print(f"writing Whisper-small-shaped base + {args.experts} experts to {workdir} ...")
-        make_models(workdir, args.experts)
-    model_bytes = (workdir / "base" / "model.safetensors").stat().st_size
-    largest = 51865 * 768 * 4
-    # TA and LoRS alternate, and each ratio comes from a back-to-back pair: slow drifts in the
-    # machine's load then cancel out; the median over pairs is reported.
-    pairs = {"diagnostics on": ("task_arithmetic", "lors"),
-             "diagnostics off": ("task_arithmetic:nodiag", "lors:nodiag")}
-    ratios: dict[str, list[float]] = {k: [] for k in pairs}
+    shape = SHAPES[args.shape]
+    if not (workdir / f"e{args.experts - 1}" / "config.json").exists():
+        print(f"writing {args.shape}-shaped base + {args.experts} experts ({args.dtype}) "
+              f"to {workdir} ...", flush=True)
+        start = time.perf_counter()
+        write_random_experts(workdir, shape, args.experts, dtype=DTYPES[args.dtype],
+                             shard_bytes=SHARD_BYTES)
+        print(f"  written in {time.perf_counter() - start:.0f} s", flush=True)
+    size = model_bytes(workdir / "base")
+    largest = shape["vocab_size"] * shape["d_model"] * 4  # the token embedding, float32
+    print(f"{args.shape}, {args.dtype}, {args.experts} experts: model {size / 2**30:.2f} GiB, "
+          f"largest tensor {largest / 2**20:.0f} MiB in float32; torch threads "
+          f"{args.threads or torch.get_num_threads()}, {os.cpu_count()} CPUs", flush=True)
+    runtime = measure(args, workdir, "runtime", args.experts)
+    measure(args, workdir, "floor", args.experts)  # warms the page cache; not counted
+    rounds = ["floor", "task_arithmetic:nodiag", "lors:nodiag"]
+    rounds += ["ties:nodiag"] if args.ties else []
+    rounds += ["task_arithmetic", "lors"] if args.diag_pair else []
     runs: dict[str, list[dict]] = {}
     for _ in range(args.repeats):
-        for label, (ta_name, lors_name) in pairs.items():
-            ta_run = measure(workdir, ta_name, args.experts)
-            lors_run = measure(workdir, lors_name, args.experts)
-            ratios[label].append(lors_run["seconds"] / ta_run["seconds"])
-            runs.setdefault(ta_name, []).append(ta_run)
-            runs.setdefault(lors_name, []).append(lors_run)
-    exact = measure(workdir, "lors:exact", args.experts)
-    lors_two = measure(workdir, "lors", 2)
-    lors = min(runs["lors"], key=lambda r: r["seconds"])
-    ta = min(runs["task_arithmetic"], key=lambda r: r["seconds"])
-    print("\nratios (same run, same machine)")
-    for label, values in ratios.items():
+        for what in rounds:
+            runs.setdefault(what, []).append(measure(args, workdir, what, args.experts))
+
+    def ratios(top: str, bottom: str, key: str = "seconds") -> list[float]:
+        return [a[key] / b[key] for a, b in zip(runs[top], runs[bottom])]
+
+    def line(label: str, values: list[float], target: float | None = None,
+             cpu: list[float] | None = None) -> None:
         listed = ", ".join(f"{v:.2f}" for v in values)
-        print(f"  LoRS / task arithmetic ({label}): median {statistics.median(values):.2f} "
-              f"over pairs [{listed}]  (target <= 1.5)")
-    print(f"  LoRS with exact SVD / task arithmetic     {exact['seconds'] / ta['seconds']:.2f}")
-    budget = model_bytes + args.experts * largest
-    peak = max(r["peak_rss"] for r in runs["lors"])
-    print(f"  peak RSS LoRS / (one model + one tensor per expert)  "
-          f"{peak / budget:.2f}  (target <= ~1.5; model {model_bytes / 2**30:.2f} GiB)")
-    print(f"  peak RSS {args.experts} experts / 2 experts  {peak / lors_two['peak_rss']:.2f}")
-    if not args.skip_naive:
-        naive = measure(workdir, "naive", args.experts)
-        print(f"  LoRS / naive full-SVD LoRS               {lors['seconds'] / naive['seconds']:.3f}  (target <= 0.2)")
+        median = statistics.median(values)
+        print(f"  {label:<42} median {median:5.2f} over rounds [{listed}]  "
+              + (verdict(median, target) if target else "")
+              + (f"  CPU-time ratio {statistics.median(cpu):.2f}" if cpu else ""))
+
+    print(f"\nresults ({args.shape}, {args.dtype}; same run, same machine)")
+    floor = statistics.median(r["seconds"] for r in runs["floor"])
+    print(f"  I/O floor: median {floor:.2f} s  (read {args.experts + 1} models of "
+          f"{size / 2**30:.2f} GiB, one add each, write one file)")
+    def pair(label: str, top: str, bottom: str, target: float | None = None) -> None:
+        line(label, ratios(top, bottom), target, ratios(top, bottom, "cpu"))
+    pair("task arithmetic / floor (diagnostics off)", "task_arithmetic:nodiag", "floor",
+         TARGETS["ta/floor"])
+    pair("LoRS / task arithmetic (diagnostics off)", "lors:nodiag", "task_arithmetic:nodiag",
+         TARGETS["lors/ta nodiag"])
+    if args.diag_pair:
+        pair("LoRS / task arithmetic (diagnostics on)", "lors", "task_arithmetic",
+             TARGETS["lors/ta diag"])
+        pair("task arithmetic diagnostics on / off", "task_arithmetic", "task_arithmetic:nodiag")
+    if args.ties:
+        pair("TIES / task arithmetic (diagnostics off)", "ties:nodiag", "task_arithmetic:nodiag",
+             TARGETS["ties/ta"])
+        line("peak RSS TIES / task arithmetic", ratios("ties:nodiag", "task_arithmetic:nodiag",
+                                                      "peak_rss"), TARGETS["ties/ta rss"])
+    print(f"\nmemory: runtime (imports, no merge) {runtime['peak_rss'] / 2**30:.2f} GiB, "
+          f"model {size / 2**30:.2f} GiB, largest tensor (float32) {largest / 2**20:.0f} MiB")
+    for what, values in runs.items():
+        peak = max(r["peak_rss"] for r in values)
+        above = peak - runtime["peak_rss"]
+        print(f"  {what:<24} peak RSS {peak / 2**30:5.2f} GiB = runtime + "
+              f"{above / 2**30:5.2f} GiB = {above / size:4.2f} models = "
+              f"{above / largest / (args.experts + 1):4.2f} largest tensors per input")
+    if args.naive:
+        naive = measure(args, workdir, "naive", args.experts)
+        lors = min(r["seconds"] for r in runs["lors:nodiag"])
+        print(f"  LoRS / naive full-SVD LoRS  {lors / naive['seconds']:.3f}  (target <= 0.2)")
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -13,9 +13,10 @@ from .evaluation import evaluate
 
 
 def merge(config: Any, out: str | Path, *, force: bool = False, diagnostics: bool = True,
-          progress=None, workers: int | None = None) -> dict:
+          progress=None, workers: int | None = None, device: str | None = None) -> dict:
     """Merge as ``config`` says (a ``MergeConfig``, a dict, or a YAML path) into the new
-    directory ``out``, as ``lors merge`` does; returns the merge report."""
+    directory ``out``, as ``lors merge`` does (``device``: cpu, cuda or cuda:N, as
+    ``--device``); returns the merge report."""
     from .merging import MergeConfig, load_config, validate_config
     from .merging import merge as merge_config
     if isinstance(config, (str, Path)):
@@ -23,7 +24,7 @@ def merge(config: Any, out: str | Path, *, force: bool = False, diagnostics: boo
     elif not isinstance(config, MergeConfig):
         config = validate_config(config, source="merge config")
     return merge_config(config, Path(out), force=force, diagnostics=diagnostics,
-                        progress=progress, workers=workers)
+                        progress=progress, workers=workers, device=device)
 
 
 def train(config: Any = None, **settings) -> dict:

@@ -78,6 +78,8 @@ def _merge_config(args: argparse.Namespace):
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from .merging import merge, plan_merge
+    from .merging.engine import resolve_device
+    device = resolve_device(args.device)  # a missing GPU is an error before any work
     config = _merge_config(args)
     if args.dry_run:
         plan = plan_merge(config)
@@ -105,7 +107,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     try:
         report = merge(config, Path(args.out), force=args.force,
-                       diagnostics=not args.no_diagnostics, progress=progress)
+                       diagnostics=not args.no_diagnostics, progress=progress, device=device)
     finally:
         if bar is not None:
             bar.close()
@@ -223,6 +225,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                              for e in exc.errors())
         raise LorsError(f"invalid training settings: {problems}") from None
     summary = train(config)
+    from accelerate import PartialState
+    if not PartialState().is_main_process:  # several processes: one report
+        return 0
     print(f"trained {', '.join('-'.join(p) for p in pairs)} ({config.mode}"
           f"{', sequential' if config.sequential else ''}): {summary['samples']} samples, "
           f"{summary['samples'] / max(summary['train_seconds'], 1e-9):.2f} samples/s"
@@ -234,8 +239,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     from .experiment.config import load_experiment
     from .experiment.runner import run_experiment, summary
+    if args.jobs is not None and args.jobs < 1:
+        raise LorsError(f"--jobs {args.jobs}: give at least 1")
+    if args.retries < 0:
+        raise LorsError(f"--retries {args.retries}: give 0 or more")
+    if args.ray_address and args.executor != "ray":
+        raise LorsError("--ray-address is for --executor ray")
     config = load_experiment(args.config, out=args.out, base=args.base)
-    experiment = run_experiment(config, show_progress=not args.quiet)
+    if args.executor == "local" and (args.jobs or 1) == 1:
+        experiment = run_experiment(config, show_progress=not args.quiet)
+    else:
+        from .experiment.parallel import make_executor, run_parallel
+        from .threads import thread_count
+        folder = Path(args.log_folder) if args.log_folder else Path(config.out) / "logs" / "submitit"
+        executor = make_executor(args.executor, jobs=args.jobs, threads=thread_count(),
+                                 folder=folder, ray_address=args.ray_address,
+                                 partition=args.partition, time_min=args.time_min,
+                                 gpus=args.gpus_per_job, mem_gb=args.mem_gb)
+        experiment = run_parallel(config, executor, retries=args.retries,
+                                  show_progress=not args.quiet)
     print(summary(experiment))
     print(f"report: {experiment['report']['html']} (markdown: {experiment['report']['markdown']})")
     return 0
@@ -292,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _print_lors_warnings()
     try:
+        from .threads import configure_threads
+        configure_threads(getattr(args, "threads", None))  # before any command imports torch
         with sigterm_as_interrupt():
             return COMMANDS[args.command](args)
     except LorsError as exc:

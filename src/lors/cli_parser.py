@@ -11,6 +11,11 @@ DESCRIPTION = ("Merge language- and task-specific fine-tuned Whisper experts int
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lors", description=DESCRIPTION)
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads for torch and OpenMP (default: $LORS_THREADS, else the "
+                             "CPUs this process may use); idle threads wait passively "
+                             "(OMP_WAIT_POLICY=PASSIVE), so lors jobs sharing a machine do not "
+                             "slow each other down badly")
     commands = parser.add_subparsers(dest="command", required=True)
 
     m = commands.add_parser("merge", help="merge fine-tuned Whisper experts into one model")
@@ -40,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dry-run", dest="dry_run", action="store_true",
                    help="print the resolved config and per-group matches; write nothing")
     m.add_argument("--no-diagnostics", dest="no_diagnostics", action="store_true")
+    m.add_argument("--device", help="where tensors are merged: cpu (default), cuda or cuda:N "
+                                    "(SVDs, top-k and elections on the GPU, streamed one "
+                                    "tensor at a time as on the CPU)")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.add_argument("--export", action="append", metavar="FORMAT",
                    help="also export the merged model: ct2 (CTranslate2 for faster-whisper, "
@@ -149,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--limit", type=int, help="at most this many train utterances per pair")
     tr.add_argument("--dev-limit", dest="dev_limit", type=int, help="at most this many dev utterances per pair")
     tr.add_argument("--lora-rank", dest="lora_rank", type=int)
-    tr.add_argument("--mixed-precision", dest="mixed_precision", choices=["no", "bf16", "fp16"])
+    tr.add_argument("--mixed-precision", dest="mixed_precision", choices=["no", "bf16", "fp16"],
+                    help="autocast precision (default: the launcher's, e.g. accelerate launch --mixed_precision, else no)")
     tr.add_argument("--cpu", action="store_true", default=None, help="stay on CPU even with a GPU")
     tr.add_argument("--cache-dir", dest="cache_dir", help="encoder-output cache (default: lors cache)")
     tr.add_argument("--force", action="store_true", default=None,
@@ -162,6 +171,37 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", help="experiment folder (default: the config's out)")
     x.add_argument("--base", help="base model folder (default: the config's base, else the embedded one)")
     x.add_argument("--quiet", action="store_true")
+    x.add_argument("--threads", type=int, metavar="N", default=argparse.SUPPRESS,
+                   help="as lors --threads N: the CPU threads of this run, shared by --jobs")
+    p = x.add_argument_group("parallel stages (experts, baselines, searches, merges and "
+                             "evaluations that do not depend on each other run at once; "
+                             "the stage cache under --out is shared, each stage runs once)")
+    p.add_argument("--jobs", type=int, metavar="N",
+                   help="stages at a time: local worker processes, each on its own CPUs "
+                        "with threads/N torch threads and its own GPU when GPUs are "
+                        "visible (default 1: serial); with ray or slurm, the most stages in "
+                        "flight (default: all that are ready) and each job's share of threads")
+    p.add_argument("--executor", choices=["local", "ray", "slurm", "slurm-local"],
+                   default="local",
+                   help="local processes (default), a Ray cluster (--ray-address or "
+                        "RAY_ADDRESS, else a local Ray), SLURM jobs through submitit, or "
+                        "slurm-local: the same jobs as local processes (submitit's "
+                        "LocalExecutor, for testing)")
+    p.add_argument("--ray-address", dest="ray_address", metavar="ADDRESS",
+                   help="Ray cluster to run on (default $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--partition", help="SLURM partition of each job")
+    p.add_argument("--time", dest="time_min", type=int, default=240, metavar="MINUTES",
+                   help="SLURM time limit of each job in minutes (default 240)")
+    p.add_argument("--gpus-per-job", dest="gpus_per_job", type=int, default=0, metavar="N",
+                   help="GPUs each ray or slurm job asks for (default 0)")
+    p.add_argument("--mem-gb", dest="mem_gb", type=float, metavar="GB",
+                   help="memory of each SLURM job")
+    p.add_argument("--log-folder", dest="log_folder", metavar="DIR",
+                   help="submitit's job logs (default OUT/logs/submitit); every stage also "
+                        "logs to OUT/logs/STAGE.log")
+    p.add_argument("--retries", type=int, default=2, metavar="N",
+                   help="resubmit a failed stage up to N times, then stop with its log "
+                        "(default 2)")
 
     d = commands.add_parser("demo", help="the embedded default experiment: Whisper base, espeak-ng "
                                          "speech in de/es/fr, experts, MTL, merges, report")

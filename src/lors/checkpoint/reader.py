@@ -46,14 +46,15 @@ class Checkpoint:
     _safetensors: dict[str, tuple[SafetensorsFile, str]] = field(default_factory=dict, repr=False)
     _loaded: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
-    def read(self, name: str) -> torch.Tensor:
-        """The tensor ``name`` as stored (dtype unchanged), in fresh memory the caller owns:
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``name`` as stored (dtype unchanged), in fresh memory the caller owns
+        (or in ``out``, a contiguous tensor of that dtype and shape, e.g. a reused buffer):
         callers modify it in place (``read_float(...).sub_(base)``), and a tensor read again
         (a search's next point, global thresholds' second pass) must be the stored one."""
         if name in self._safetensors:
             handle, stored = self._safetensors[name]
-            return handle.read(stored)
-        return self._loaded[name].clone()
+            return handle.read(stored, out)
+        return self._loaded[name].clone() if out is None else out.copy_(self._loaded[name])
 
     def fingerprint(self) -> dict:
         """A cheap content fingerprint: size and sha256 of each file's head, tail and 16 samples."""

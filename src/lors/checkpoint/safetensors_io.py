@@ -169,25 +169,37 @@ class SafetensorsFile:
             if begin < end:
                 raise self._fail(f"tensors {first!r} and {second!r} overlap in the data buffer")
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor into fresh memory (no mmap); dtype and shape as stored.
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor into fresh memory (no mmap), or into ``out`` (a contiguous CPU
+        tensor of the stored dtype and shape, e.g. a reused buffer); dtype and shape as
+        stored.
 
         Raises CheckpointError if the file cannot be read or is now shorter than at open.
         """
         info = self.tensors[name]
-        buffer = bytearray(info.nbytes)  # bounded by the file size, checked at open
+        # torch's allocator, not a bytearray: no zero-filling pass
+        tensor = torch.empty(info.shape, dtype=info.dtype) if out is None else out
+        if (tensor.dtype, tuple(tensor.shape)) != (info.dtype, info.shape):
+            raise ValueError(f"out is {tensor.dtype} {list(tensor.shape)}, tensor {name!r} "
+                             f"is {info.dtype} {list(info.shape)}")
+        if info.nbytes == 0:
+            return tensor
         try:
-            with open(self.path, "rb") as handle:
+            view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            got = 0
+            with open(self.path, "rb", buffering=0) as handle:
                 handle.seek(info.begin)
-                got = handle.readinto(buffer)
+                while got < info.nbytes:  # one read returns at most ~2 GiB on Linux
+                    count = handle.readinto(view[got:])
+                    if not count:
+                        break
+                    got += count
         except OSError as exc:
             raise CheckpointError(f"{self.path}: cannot read tensor {name!r} ({exc}); check "
                                   "that the file still exists and is readable") from exc
         if got != info.nbytes:
             raise self._fail(f"tensor {name!r} is cut short (was the file changed after opening?)")
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
+        return tensor
 
 
 class SafetensorsWriter:

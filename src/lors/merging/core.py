@@ -103,28 +103,71 @@ def _warn_full_rank(entries: list[PlanEntry], meta: Mapping, params: dict) -> No
                       "whole task vector, so nothing is pruned there", LorsWarning, stacklevel=3)
 
 
-def read_float(checkpoint, who: str, name: str) -> Tensor:
-    """Tensor ``name`` of ``checkpoint`` as float32; CheckpointError if it holds NaN or Inf."""
-    tensor = checkpoint.read(name).float()
+def read_float(checkpoint, who: str, name: str, check: bool = True, buffers=None) -> Tensor:
+    """Tensor ``name`` of ``checkpoint`` as float32; CheckpointError if it holds NaN or Inf
+    (``check``; without it, the caller checks what it makes of the tensor instead, see
+    :func:`check_inputs`). ``buffers`` (:class:`lors.merging.buffers.Buffers`): read into
+    reused memory."""
+    tensor = _read(checkpoint, name, buffers)
+    if tensor.dtype != torch.float32 and buffers is not None:
+        wide = buffers.empty(tensor.shape, torch.float32).copy_(tensor)
+        buffers.give(tensor)
+        tensor = wide
+    tensor = tensor.float()
     # NaN and Inf propagate into the sum: one cheap pass instead of an isfinite mask.
-    if not math.isfinite(float(tensor.sum())):
+    if check and not math.isfinite(float(tensor.sum())):
         raise CheckpointError(f"{who} ({checkpoint.source}): tensor {name} contains NaN or Inf; "
                               "fix or re-export that checkpoint")
     return tensor
 
 
+def _read(checkpoint, name: str, buffers=None) -> Tensor:
+    if buffers is None:
+        return checkpoint.read(name)
+    meta = checkpoint.meta[name]
+    return checkpoint.read(name, out=buffers.empty(meta.shape, meta.dtype))
+
+
 def task_vectors(experts: Mapping, name: str, base_tensor: Tensor,
-                 map: Callable = map) -> list[Tensor]:
+                 map: Callable = map, check: bool = True, buffers=None) -> list[Tensor]:
     """tau_i = theta_i - theta_0 of tensor ``name`` for each expert, float32: read minus
-    base for a checkpoint; the expert's own exact delta for a LoRA adapter or a compressed
-    expert (anything with ``delta(name, base_tensor)``, which checks its parts for NaN and
-    Inf itself; see lors.checkpoint.experts)."""
+    base for a checkpoint (CheckpointError if the read tensor holds NaN or Inf, with
+    ``check``; read into reused memory with ``buffers``); the expert's own exact delta for
+    a LoRA adapter or a compressed expert (anything with ``delta(name, base_tensor)``,
+    which checks its parts for NaN and Inf itself; see lors.checkpoint.experts)."""
     def one(item) -> Tensor:
         expert, source = item
         if hasattr(source, "delta"):
             return source.delta(name, base_tensor)
-        return read_float(source, f"expert {expert!r}", name).sub_(base_tensor)
+        if check:
+            return read_float(source, f"expert {expert!r}", name,
+                              buffers=buffers).sub_(base_tensor)
+        stored = _read(source, name, buffers)
+        if stored.dtype not in (torch.float16, torch.bfloat16):
+            return stored.float().sub_(base_tensor)
+        # widened as it is subtracted: one pass, the same values as widening first
+        if buffers is None:
+            return torch.sub(stored, base_tensor)
+        tau = torch.sub(stored, base_tensor, out=buffers.empty(stored.shape, torch.float32))
+        buffers.give(stored)
+        return tau
     return list(map(one, experts.items()))
+
+
+def check_inputs(base, experts: Mapping, name: str) -> None:
+    """Read tensor ``name`` of the base and of every expert again, checked: raises the
+    CheckpointError of :func:`read_float` (or of an expert's own ``delta``) for the first
+    that holds NaN or Inf; returns when all are finite. The engine merges unchecked reads
+    and calls this only when a merged tensor is not finite (or the op failed), so that the
+    error names the input at fault rather than the merge."""
+    task_vectors(experts, name, read_float(base, "base", name), check=True)
+
+
+# Ops whose merged tensor does not depend on the task vectors' values, so that a NaN or Inf
+# in an input would not reach it: the engine checks their inputs as it reads them. Every
+# other op carries a NaN or Inf of its inputs into its result (or fails on it), and the
+# engine checks its merged tensor instead (:func:`check_inputs` then names the input).
+BLIND_OPS = frozenset({"keep_base"})
 
 
 def known_parts(experts: Mapping, name: str) -> list[Known | None] | None:
@@ -259,9 +302,18 @@ def merged_delta(entry: PlanEntry, taus: Sequence[Tensor], weights: Sequence[flo
                   inplace=True), stats
 
 
+def all_finite(tensor: Tensor) -> bool:
+    """Whether every entry of a floating ``tensor`` is finite. One sum (NaN and Inf
+    propagate into it, several times cheaper than an isfinite mask); only when the sum is
+    not finite (a NaN or Inf entry, or a sum that overflowed) the exact elementwise check."""
+    wide = torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else None
+    return (math.isfinite(float(tensor.sum(dtype=wide)))
+            or bool(torch.isfinite(tensor).all()))
+
+
 def check_finite(tensor: Tensor, name: str, dtype: torch.dtype) -> Tensor:
     """``tensor`` unchanged; MergeError if the merge made it NaN or Inf (before writing)."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if tensor.is_floating_point() and not all_finite(tensor):
         raise MergeError(f"merged tensor {name} contains NaN or Inf in "
                          f"{str(dtype).removeprefix('torch.')}: lambda or the weights are too "
                          "large for this dtype (or an input overflowed); lower them or use "

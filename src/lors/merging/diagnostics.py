@@ -38,7 +38,7 @@ def gram(taus: Sequence[Tensor], chunk: int = 1 << 18) -> Tensor:
     vector is read from memory once instead of T times, and no stacked copy is kept.
     """
     flats = [t.reshape(-1) for t in taus]
-    g = torch.zeros(len(flats), len(flats), dtype=torch.float64)
+    g = torch.zeros(len(flats), len(flats), dtype=torch.float64, device=flats[0].device)
     for start in range(0, flats[0].numel(), chunk):
         block = torch.stack([f[start:start + chunk] for f in flats])
         g += (block @ block.T).double()
@@ -50,7 +50,7 @@ def gram_of_factors(factors: Sequence[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
     tau_i = U_i diag(S_i) Vh_i (e.g. LoRA deltas), without forming any of them:
     <tau_i, tau_j> = sum((diag(S_i) U_i^T U_j diag(S_j)) * (Vh_i Vh_j^T))."""
     scaled = [(u.double() * s.double(), vh.double()) for u, s, vh in factors]
-    g = torch.zeros(len(scaled), len(scaled), dtype=torch.float64)
+    g = torch.zeros(len(scaled), len(scaled), dtype=torch.float64, device=scaled[0][0].device)
     for i, (us_i, vh_i) in enumerate(scaled):
         for j, (us_j, vh_j) in enumerate(scaled[: i + 1]):
             g[i, j] = g[j, i] = ((us_i.T @ us_j) * (vh_i @ vh_j.T)).sum()
@@ -84,6 +84,7 @@ class Diagnostics:
             g = gram_of_factors([k.factors for k in known])
         else:
             g = gram(taus)
+        g = g.cpu()  # the task vectors may be on a GPU (lors merge --device cuda)
         self.layer_gram[layer] += g
         self.model_gram += g
         record = {

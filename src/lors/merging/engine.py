@@ -5,6 +5,13 @@ task vectors, merged by the op the tensor's group calls for, added back to the b
 output dtype and written. Memory is bounded by about one tensor per expert plus the base's, no
 matter how many experts there are. Everything is checked before the first tensor is merged, and
 the output directory appears only when complete.
+
+Near the I/O floor: tensors are read into the buffers of tensors already written
+(:mod:`.buffers`), and the inputs are not checked for NaN or Inf one by one: the merged tensor
+is (one sum), and only when it is not finite (or the op fails) are its inputs read again and
+checked, so that the error still names the expert and tensor at fault. With ``device="cuda"``
+each tensor's inputs are moved to the GPU after reading and the merged tensor back before it
+is written: SVDs, top-k and elections run there, streamed as on the CPU.
 """
 
 from __future__ import annotations
@@ -27,10 +34,12 @@ from ..checkpoint.experts import Expert, is_full, open_expert
 from ..checkpoint.reader import Checkpoint, open_checkpoint
 from ..checkpoint.writer import (ShardedModelWriter, copy_aux_files, float_specs, write_config,
                                  write_json)
-from ..errors import LorsWarning
+from ..errors import ConfigError, LorsWarning
 from ..fsutil import atomic_directory, check_output_free
 from . import core
+from .buffers import Buffers
 from .config import MergeConfig, resolve
+from .context import Known
 from .core import COPY, PlanEntry
 from .diagnostics import Diagnostics
 from .groups import layer_of
@@ -133,15 +142,44 @@ def output_dtype(config: MergeConfig, base: Checkpoint) -> torch.dtype:
 
 
 def default_workers(experts: int) -> int:
-    return max(1, min(experts, os.cpu_count() or 1))
+    from ..threads import thread_count  # --threads / LORS_THREADS, else the CPUs we may use
+    return max(1, min(experts, thread_count()))
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device a merge computes on: ``cpu`` (the default), ``cuda`` or ``cuda:N``.
+    ConfigError for any other name, and for CUDA when no CUDA device is visible."""
+    name = "cpu" if device is None else str(device)
+    try:
+        resolved = torch.device(name)
+    except (RuntimeError, ValueError):
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: unknown device; use cpu, cuda or cuda:N (N, a "
+                          "GPU index)")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: no CUDA device is visible "
+                              "(torch.cuda.is_available() is False); drop --device or run on "
+                              "a machine with a GPU")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: there is no GPU {resolved.index}; "
+                              f"{torch.cuda.device_count()} visible (cuda:0 to "
+                              f"cuda:{torch.cuda.device_count() - 1})")
+    return resolved
 
 
 def merge(config: MergeConfig, out: Path, *, force: bool = False, diagnostics: bool = True,
-          progress: Progress | None = None, workers: int | None = None) -> dict:
+          progress: Progress | None = None, workers: int | None = None,
+          device: str | torch.device | None = None) -> dict:
     """Merge as ``config`` says into the new directory ``out``; returns the report dict.
 
     ``workers`` threads read and prune experts concurrently (default: min(experts, CPUs)).
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``; default cpu) is where each tensor is merged:
+    tensors are read on the CPU, moved there, merged (SVDs, top-k, elections) and moved
+    back to be written, one tensor at a time as on the CPU.
     """
+    device = resolve_device(device)  # before any work: a bad device is a one-line error
     check_output_free(out, force, inputs=[config.base, *(e.path for e in config.experts)])
     started = time.perf_counter()
     plan = plan_merge(config)
@@ -153,11 +191,24 @@ def merge(config: MergeConfig, out: Path, *, force: bool = False, diagnostics: b
         writer = ShardedModelWriter(folder, float_specs([e.name for e in plan.entries],
                                                         plan.base.meta, dtype),
                                     int(config.shard_size_mb * 1_000_000))
-        for done, (entry, inputs) in enumerate(_prefetched(plan, pool)):
-            writer.write(entry.name, _merge_one(plan, entry, inputs, dtype, thresholds, stats,
-                                                pool))
-            if progress:
-                progress(done + 1, len(plan.entries), entry.name)
+        buffers = Buffers()  # tensors are read into the memory of those already written
+        with ThreadPoolExecutor(1) as writing:  # tensor k is written while k + 1 merges
+            written = None
+            for done, (entry, inputs) in enumerate(_prefetched(plan, pool, device, buffers)):
+                merged = _merge_one(plan, entry, inputs, dtype, thresholds, stats, pool,
+                                    buffers)
+                buffers.give(*(inputs[1] or ()))  # the task vectors: nothing uses them now
+                if merged is not inputs[0]:
+                    buffers.give(inputs[0])
+                del inputs
+                if written is not None:
+                    written.result()  # at most one merged tensor waits to be written
+                written = writing.submit(_write, writer, entry.name, merged, buffers)
+                del merged
+                if progress:
+                    progress(done + 1, len(plan.entries), entry.name)
+            if written is not None:
+                written.result()
         writer.close()
         write_config(folder, plan.base.config, dtype)
         aux = copy_aux_files(plan.base.aux_dir, folder)
@@ -167,20 +218,50 @@ def merge(config: MergeConfig, out: Path, *, force: bool = False, diagnostics: b
     return report
 
 
+def _write(writer: ShardedModelWriter, name: str, merged: torch.Tensor,
+           buffers: Buffers) -> None:
+    """Write one merged tensor (in the writing thread), then hand its memory back."""
+    writer.write(name, merged)
+    buffers.give(merged)
+    buffers.tick()
+
+
 # base tensor, experts' task vectors, what the experts know about them (core.known_parts)
 Inputs = tuple[torch.Tensor, list[torch.Tensor] | None, list | None]
 
 
-def _load_inputs(plan: MergePlan, entry: PlanEntry, pool: Executor | None = None) -> Inputs:
-    """The base tensor as stored (for "copy"), or float32 base and task vectors."""
+def _load_inputs(plan: MergePlan, entry: PlanEntry, pool: Executor | None = None,
+                 device: torch.device | None = None, buffers: Buffers | None = None
+                 ) -> Inputs:
+    """The base tensor as stored (for "copy"), or float32 base and task vectors, on
+    ``device`` (read on the CPU, into ``buffers``, then moved). The reads are not checked
+    for NaN or Inf (but for ops blind to their inputs, :data:`core.BLIND_OPS`): the merged
+    tensor is."""
     if entry.op == COPY:
         return plan.base.read(entry.name), None, None
-    base_tensor = core.read_float(plan.base, "base", entry.name)
-    return (base_tensor, _task_vectors(plan, entry.name, base_tensor, pool),
-            core.known_parts(plan.experts, entry.name))
+    check = entry.op in core.BLIND_OPS
+    base_tensor = core.read_float(plan.base, "base", entry.name, check=check, buffers=buffers)
+    taus = core.task_vectors(plan.experts, entry.name, base_tensor,
+                             pool.map if pool else map, check=check, buffers=buffers)
+    known = core.known_parts(plan.experts, entry.name)
+    if device is not None and device.type != "cpu":
+        read = (base_tensor, *taus)
+        base_tensor, taus = base_tensor.to(device), [t.to(device) for t in taus]
+        known = None if known is None else [_known_on(k, device) for k in known]
+        if buffers is not None:
+            buffers.give(*read)  # copied to the device
+        del read
+    return base_tensor, taus, known
 
 
-def _prefetched(plan: MergePlan, pool: Executor | None) -> Iterator[tuple[PlanEntry, Inputs]]:
+def _known_on(known: Known | None, device: torch.device) -> Known | None:
+    if known is None or known.factors is None:
+        return known
+    return Known(tuple(t.to(device) for t in known.factors), known.pruned_with)
+
+
+def _prefetched(plan: MergePlan, pool: Executor | None, device: torch.device | None = None,
+                buffers: Buffers | None = None) -> Iterator[tuple[PlanEntry, Inputs]]:
     """Each entry with its inputs; with a pool, the next entry's are read meanwhile.
 
     A reader thread loads tensor k+1 (the experts' copies through the pool's workers) while
@@ -189,20 +270,26 @@ def _prefetched(plan: MergePlan, pool: Executor | None) -> Iterator[tuple[PlanEn
     """
     if pool is None:
         for entry in plan.entries:
-            yield entry, _load_inputs(plan, entry)
+            yield entry, _load_inputs(plan, entry, device=device, buffers=buffers)
         return
     with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) as reader:
-        pending = reader.submit(_load_inputs, plan, plan.entries[0], pool) if plan.entries else None
+        pending = (reader.submit(_load_inputs, plan, plan.entries[0], pool, device, buffers)
+                   if plan.entries else None)
         for index, entry in enumerate(plan.entries):
             inputs = pending.result()
             if index + 1 < len(plan.entries):
-                pending = reader.submit(_load_inputs, plan, plan.entries[index + 1], pool)
+                pending = reader.submit(_load_inputs, plan, plan.entries[index + 1], pool,
+                                        device, buffers)
             yield entry, inputs
 
 
 def _merge_one(plan: MergePlan, entry: PlanEntry, inputs: Inputs, dtype: torch.dtype,
                thresholds: list[float] | None, stats: Diagnostics | None,
-               pool: Executor | None = None) -> torch.Tensor:
+               pool: Executor | None = None, buffers: Buffers | None = None) -> torch.Tensor:
+    """The merged tensor ``entry``, cast to ``dtype``, on the CPU. Its inputs were read
+    unchecked: when it is not finite, or the op fails, they are read again and checked, so
+    that the error names the expert (or base) and tensor at fault; a merged tensor that is
+    not finite from finite inputs is a MergeError (lambda or weights too large)."""
     base_tensor, taus, known = inputs
     if taus is None:
         return base_tensor
@@ -210,12 +297,26 @@ def _merge_one(plan: MergePlan, entry: PlanEntry, inputs: Inputs, dtype: torch.d
     if stats is not None:  # a worker computes the diagnostics while the others prune
         args = (entry.name, layer_of(entry.name), entry.group, entry.op, taus, known)
         record = pool.submit(stats.add, *args) if pool is not None else stats.add(*args)
-    delta, op_stats = core.merged_delta(entry, taus, plan.weights, plan.params,
-                                        thresholds=thresholds, known=known,
-                                        map=pool.map if pool is not None else map)
+    try:
+        delta, op_stats = core.merged_delta(entry, taus, plan.weights, plan.params,
+                                            thresholds=thresholds, known=known,
+                                            map=pool.map if pool is not None else map)
+        merged = base_tensor.add_(delta)
+        del delta
+        if dtype != merged.dtype:  # the cast .to(dtype) makes, into a reused buffer
+            merged = (buffers.empty(merged.shape, dtype) if buffers is not None and
+                      merged.device.type == "cpu" else torch.empty_like(merged, dtype=dtype)
+                      ).copy_(merged)
+        finite = core.all_finite(merged)
+    except Exception:
+        core.check_inputs(plan.base, plan.experts, entry.name)  # raises naming the input
+        raise
+    if not finite:
+        core.check_inputs(plan.base, plan.experts, entry.name)
+        core.check_finite(merged, entry.name, dtype)  # finite inputs: the merge's fault
     if record is not None:
         Diagnostics.attach(record.result() if pool is not None else record, op_stats)
-    return core.check_finite(base_tensor.add_(delta).to(dtype), entry.name, dtype)
+    return merged.cpu()
 
 
 def library_versions() -> dict:

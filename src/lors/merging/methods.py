@@ -57,25 +57,78 @@ def sparsify_elect_combine(taus: Sequence[Tensor], ctx: OpContext, sparsify: Spa
     return merged if merged is not None else torch.zeros(shape, **like)
 
 
+ELECT_BLOCK = 1 << 22  # entries of all experts' parts elected at once (16 MiB in float32)
+
+
 def _elect_combine(taus: Sequence[Tensor], ctx: OpContext, sparsify: Sparsify | None
                    ) -> Tensor:
-    """TIES' elected disjoint mean of the weighted sparsified task vectors. Each expert's
-    part is written into its row of the stack as soon as it is made (the same values as
-    stacking them all), so the parts and the stack are never all in memory at once, and the
-    stack is masked in place, one row at a time: besides the inputs (released as they are
-    used when ``ctx.release_taus``), the working set is the stack, one task vector per
-    expert, and a few single tensors, where stacking and masking it whole took about three
-    times that (the largest of any op's, on the token embedding)."""
-    stacked = taus[0].new_empty((len(taus), *taus[0].shape))
+    """TIES' elected disjoint mean of the weighted sparsified task vectors, over blocks of
+    rows: rows [a:b] of every expert's weighted part are stacked, elected
+    (:func:`primitives.elect_sign`) and averaged (:func:`primitives.disjoint_mean`) into
+    rows [a:b] of the result, block after block (concurrently on ``ctx.map``). Both reduce
+    over the experts entry by entry, so the result is the one of stacking whole tensors,
+    bit for bit, but the T-high stack of a whole tensor never exists: besides the inputs
+    and the result, the working set is a few blocks of about :data:`ELECT_BLOCK` entries.
 
-    def fill(i: int) -> None:
-        tau = taus[i]
-        stacked[i].copy_(sparsify(i, tau, ctx) if sparsify else tau)
-        ctx.release(taus, i)
-    for _ in ctx.map(fill, range(len(taus))):
+    Magnitude pruning (TIES) is cut per block too: each expert's top-k threshold is taken
+    over its whole task vector first (:func:`primitives.magnitude_threshold`, or the global
+    one), then applied to each block, so no pruned copy of a task vector is made. Other
+    sparsifiers (DARE's random drop) make each expert's whole part first. The inputs are
+    released (``ctx.release_taus``) once every block is done.
+    """
+    count, shape = len(taus), taus[0].shape
+    merged = torch.empty_like(taus[0], memory_format=torch.contiguous_format)
+    rows_of = _sparsified_rows(taus, ctx, sparsify)  # may release the inputs (DARE)
+    flat = merged.reshape(-1) if merged.dim() == 0 else merged
+    height = flat.shape[0]
+    per_row = max(1, flat[0].numel()) if height else 1
+    step = max(1, ELECT_BLOCK // (count * per_row))
+    weights = torch.tensor(list(ctx.weights), dtype=merged.dtype, device=merged.device)
+    weights = weights.reshape(-1, *([1] * flat.dim()))
+
+    def elect(start: int) -> None:
+        stop = min(height, start + step)
+        stacked = flat.new_empty((count, stop - start, *flat.shape[1:]))
+        for i in range(count):
+            rows_of(i, start, stop, stacked[i])
+        stacked *= weights
+        flat[start:stop] = P.disjoint_mean(stacked, P.elect_sign(stacked), inplace=True)
+    for _ in ctx.map(elect, range(0, height, step)):
         pass
-    stacked *= torch.tensor(list(ctx.weights)).reshape(-1, *([1] * (stacked.dim() - 1)))
-    return P.disjoint_mean(stacked, P.elect_sign(stacked), inplace=True)
+    for i in range(count):
+        ctx.release(taus, i)
+    return merged.reshape(shape)
+
+
+def _sparsified_rows(taus: Sequence[Tensor], ctx: OpContext, sparsify: Sparsify | None
+                     ) -> Callable[[int, int, int, Tensor], None]:
+    """``rows(i, a, b, out)`` writes rows [a:b] (along dim 0; entries of a 1-D tensor) of
+    ``sparsify(i, taus[i], ctx)`` into ``out``, the same values as the whole part's."""
+    if sparsify is _magnitude:
+        if ctx.thresholds is not None:  # global scope: as _magnitude's product, by block
+            def rows(i: int, start: int, stop: int, out: Tensor) -> None:
+                block = _rows(taus[i], start, stop)
+                torch.mul(block, block.abs() >= ctx.thresholds[i], out=out)
+            return rows
+        keep = ctx.params["keep"]
+        cuts = list(ctx.map(lambda tau: P.magnitude_threshold(tau, keep), taus))
+
+        def rows(i: int, start: int, stop: int, out: Tensor) -> None:
+            block = _rows(taus[i], start, stop)
+            P.zero_outside_(out.copy_(block), P.magnitude_at_least(block, cuts[i]))
+        return rows
+    parts = list(taus)
+    if sparsify is not None:
+        def part(i: int) -> Tensor:
+            made = sparsify(i, taus[i], ctx)
+            ctx.release(taus, i)
+            return made
+        parts = list(ctx.map(part, range(len(taus))))
+    return lambda i, start, stop, out: out.copy_(_rows(parts[i], start, stop))
+
+
+def _rows(tensor: Tensor, start: int, stop: int) -> Tensor:
+    return (tensor.reshape(-1) if tensor.dim() == 0 else tensor)[start:stop]
 
 
 def _magnitude(i: int, tau: Tensor, ctx: OpContext) -> Tensor:

@@ -45,9 +45,28 @@ def magnitude_mask(x: Tensor, keep: float) -> Tensor:
         return torch.zeros_like(x, dtype=torch.bool)
     if k >= x.numel():
         return torch.ones_like(x, dtype=torch.bool)
+    return magnitude_at_least(x, magnitude_threshold(x, keep))
+
+
+def magnitude_threshold(x: Tensor, keep: float) -> Tensor:
+    """The cut of :func:`magnitude_mask`: the k-th largest |value| of ``x``, k =
+    floor(keep * numel), as a 0-d tensor of ``x``'s dtype, so that the mask is
+    ``magnitude_at_least(x, threshold)`` (|x| >= threshold). NaN when k <= 0 (no entry
+    compares >= NaN: nothing is kept) and -inf when k >= numel (every entry but NaN is kept;
+    the mask keeps NaN entries too). Computed once for a whole tensor, it cuts any block
+    of the tensor's entries exactly as the whole tensor's mask does.
+    """
+    k = int(keep * x.numel())
+    if k <= 0 or k >= x.numel():
+        return torch.tensor(float("nan") if k <= 0 else float("-inf"), dtype=x.dtype,
+                            device=x.device)
     # |x| twice rather than a copy of it: the selection reorders its own |x| in place, so
     # at most one float tensor of x's size is alive here besides x (and then the mask)
-    threshold = kth_largest(x.abs(), k, overwrite=True)
+    return kth_largest(x.abs(), k, overwrite=True)
+
+
+def magnitude_at_least(x: Tensor, threshold: Tensor) -> Tensor:
+    """Boolean mask |x| >= ``threshold`` (a 0-d tensor of ``x``'s dtype), in ``x``'s dtype."""
     magnitude = x.abs()
     if magnitude.device.type == "cpu" and magnitude.dtype == torch.float32:
         # numpy's comparison is several times faster than torch's bool kernels on this CPU
@@ -94,7 +113,11 @@ def truncated_svd(x: Tensor, rank: int, *, exact: bool = False, oversample: int 
     if exact or sketch >= min(m, n):
         u, s, vh = torch.linalg.svd(x, full_matrices=False)
         return u[:, :rank], s[:rank], vh[:rank]
-    omega = torch.randn(n, sketch, generator=generator, dtype=x.dtype)
+    # drawn where the generator lives (CPU for lors' seeded ones) and moved to x: the same
+    # sketch, so the same factors up to rounding, on any device
+    omega = torch.randn(n, sketch, generator=generator, dtype=x.dtype,
+                        device=generator.device if generator is not None else x.device)
+    omega = omega.to(x.device)
     q, _ = torch.linalg.qr(x @ omega)
     for _ in range(niter):  # power iterations, re-orthonormalised each half step for stability
         z, _ = torch.linalg.qr(x.T @ q)
@@ -140,7 +163,10 @@ def dare_drop(x: Tensor, keep: float, generator: torch.Generator | None = None) 
         return x.clone()
     if keep <= 0.0:
         return torch.zeros_like(x)
-    survivors = torch.bernoulli(torch.full_like(x, keep), generator=generator)
+    # drawn where the generator lives and moved to x: the same mask on any device
+    where = generator.device if generator is not None else x.device
+    survivors = torch.bernoulli(torch.full(x.shape, keep, dtype=x.dtype, device=where),
+                                generator=generator).to(x.device)
     return x * survivors / keep
 
 
@@ -159,7 +185,7 @@ def disjoint_mean(stacked: Tensor, sign: Tensor, inplace: bool = False) -> Tenso
     mask would be cast to float for the product and to int64 for the count).
     """
     masked = stacked if inplace else stacked.clone()
-    count = torch.zeros(sign.shape, dtype=stacked.dtype)  # small integers: exact
+    count = torch.zeros(sign.shape, dtype=stacked.dtype, device=stacked.device)  # exact
     positive, negative = sign > 0, sign < 0  # sign(row) == sign, from masks only: a zero
     for row in masked:                       # or NaN entry agrees with neither
         agrees = (row > 0).logical_and_(positive).logical_or_((row < 0).logical_and_(negative))
@@ -181,7 +207,8 @@ def _add_mask_(count: Tensor, mask: Tensor) -> Tensor:
 
 def weighted_sum(stacked: Tensor, weights: Sequence[float]) -> Tensor:
     """sum_i weights[i] * stacked[i] over dim 0."""
-    w = torch.tensor(list(weights), dtype=stacked.dtype).reshape(-1, *([1] * (stacked.dim() - 1)))
+    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
+    w = w.reshape(-1, *([1] * (stacked.dim() - 1)))
     return (stacked * w).sum(dim=0)
 
 
