@@ -105,7 +105,7 @@ def _remove_empty(folders: list[Path]) -> None:
             folder.rmdir()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether process ``pid`` exists (a process of another user counts as alive)."""
     try:
         os.kill(pid, 0)
@@ -137,7 +137,7 @@ def _stale_in(folder: Path) -> dict[str, list[str]]:
         for name in os.listdir(folder):
             match = _TEMPORARY.fullmatch(name)
             # another host's pid says nothing here (a shared file system): never remove it
-            if match and match.group(3) in (None, _HOST) and not _alive(int(match.group(2))):
+            if match and match.group(3) in (None, _HOST) and not process_alive(int(match.group(2))):
                 found.setdefault(match.group(1), []).append(name)
         _stale.setdefault(key, found)
     return _stale[key]

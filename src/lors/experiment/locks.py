@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..fsutil import process_alive
+
 HOST = socket.gethostname()
 POLL_S = 0.2
 
@@ -41,18 +43,6 @@ def stale_seconds() -> float:
 def lock_path(output: Path) -> Path:
     output = Path(output)
     return output.with_name(output.name + ".lock")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OverflowError, ValueError):
-        return False
-    return True
 
 
 def read_lock(path: Path) -> dict | None:
@@ -85,7 +75,7 @@ def is_stale(info: dict, age: float) -> bool:
     if not info:  # created but not yet written: give its holder a moment
         return age > 30
     pid = info.get("pid")
-    return info.get("host") == HOST and isinstance(pid, int) and not _alive(pid)
+    return info.get("host") == HOST and isinstance(pid, int) and not process_alive(pid)
 
 
 class StageLock:
