@@ -261,3 +261,133 @@ def test_a_cuda_merge_equals_the_cpu_merge(tiny_models, tmp_path, method, params
     cpu_norms = [t["task_vector_norms"] for t in cpu_report["diagnostics"]["tensors"]]
     gpu_norms = [t["task_vector_norms"] for t in gpu_report["diagnostics"]["tensors"]]
     assert torch.allclose(torch.tensor(gpu_norms), torch.tensor(cpu_norms), rtol=1e-4)
+
+
+# ------------------------------------------------ fused weighted sums (core.fused_merge)
+
+@pytest.mark.parametrize("method,params", [("task_arithmetic", {"lambda": 0.37}),
+                                           ("lors", {"rank": 2, "keep": 0.3}),
+                                           ("ties", {"keep": 0.3}),
+                                           ("dare", {"keep": 0.5}),
+                                           ("magnitude", {"keep": 0.3, "scope": "global"})])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_fused_weighted_sums_are_the_unfused_merge_bit_for_bit(tiny_models, tmp_path,
+                                                              monkeypatch, method, params,
+                                                              dtype):
+    """Weighted sums are summed, scaled, added to the base, cast and checked block by
+    block by all workers: the merged files are those of the whole-tensor passes, bit for
+    bit (blocks of 64 entries here, so most tensors take several, with a tail)."""
+    config = validate_config({"base": str(tiny_models["base"]), "method": method,
+                              "parameters": params, "dtype": dtype,
+                              "experts": [{"name": n, "path": str(p), "weight": w}
+                                          for (n, p), w in zip(tiny_models["experts"].items(),
+                                                               (1.0, 0.6, 1.7))]})
+    monkeypatch.setattr(core, "FUSED_BLOCK", 64)
+    calls = []
+    fused = core.fused_merge
+    monkeypatch.setattr(core, "fused_merge", lambda *a, **k: calls.append(fused(*a, **k))
+                        or calls[-1])
+    merge(config, tmp_path / "fused", diagnostics=False, workers=2)
+    assert any(c is not None for c in calls) or method == "ties"
+    assert all(c is None for c in calls) or method != "ties"  # an election: not a sum
+    monkeypatch.setattr(core, "fused_merge", lambda *a, **k: None)
+    monkeypatch.setattr(core, "stored_tensors", lambda *a, **k: None)
+    merge(config, tmp_path / "whole", diagnostics=False, workers=2)
+    ours = load_file(tmp_path / "fused" / "model.safetensors")
+    whole = load_file(tmp_path / "whole" / "model.safetensors")
+    assert ours.keys() == whole.keys()
+    for name, tensor in whole.items():
+        assert tensor.dtype == ours[name].dtype and torch.equal(
+            ours[name].view(torch.uint8), tensor.view(torch.uint8)), name
+
+
+def test_fused_task_arithmetic_is_the_plain_sum_bit_for_bit(tiny_models, tmp_path,
+                                                           monkeypatch):
+    """Task arithmetic through the engine (fused, several workers, blocks of 64 entries)
+    equals theta_0 + lambda * (w_1 tau_1 + w_2 tau_2 + w_3 tau_3), summed left to right in
+    float32, bit for bit."""
+    monkeypatch.setattr(core, "FUSED_BLOCK", 64)
+    weights = (1.0, 0.6, 1.7)
+    config = validate_config({"base": str(tiny_models["base"]), "method": "task_arithmetic",
+                              "parameters": {"lambda": 0.37}, "dtype": "float32",
+                              "experts": [{"name": n, "path": str(p), "weight": w}
+                                          for (n, p), w in zip(tiny_models["experts"].items(),
+                                                               weights)]})
+    merge(config, tmp_path / "ta", diagnostics=False, workers=2)
+    ours = load_file(tmp_path / "ta" / "model.safetensors")
+    base = load_file(tiny_models["base"] / "model.safetensors")
+    experts = [load_file(p / "model.safetensors") for p in tiny_models["experts"].values()]
+    for name, theta in base.items():
+        if not theta.is_floating_point():
+            assert torch.equal(ours[name], theta)
+            continue
+        theta = theta.float()
+        total = (experts[0][name].float() - theta) * weights[0]
+        for expert, weight in zip(experts[1:], weights[1:]):
+            total.add_(expert[name].float() - theta, alpha=weight)
+        expected = theta + total * 0.37
+        assert torch.equal(ours[name].view(torch.int32), expected.view(torch.int32)), name
+
+
+def test_fused_merge_checks_finiteness_exactly():
+    """A block whose sum overflows is checked entry by entry (finite); a NaN is found."""
+    entry = core.PlanEntry("t", "attn", "task_arithmetic")
+    params = {"lambda": 1.0, "seed": 0}
+    big = torch.full((1000,), 3e38)
+    merged, finite, _ = core.fused_merge(entry, big.clone(), [torch.zeros(1000)], [1.0], params,
+                                         dtype=torch.float32)
+    assert finite and torch.equal(merged, big)
+    tau = torch.zeros(1000)
+    tau[777] = float("nan")
+    _, finite, _ = core.fused_merge(entry, torch.zeros(1000), [tau], [1.0], params,
+                                    dtype=torch.float32)
+    assert not finite
+    assert core.fused_merge(core.PlanEntry("t", "attn", "ties"), torch.zeros(3),
+                            [torch.zeros(3)], [1.0], {**params, "keep": 0.5},
+                            dtype=torch.float32) is None
+
+
+@pytest.mark.parametrize("stored", ["float16", "bfloat16"])
+@pytest.mark.parametrize("diagnostics", [False, True])
+def test_fused_task_vectors_of_half_precision_experts_are_the_unfused_ones(
+        tiny_models, tmp_path, monkeypatch, stored, diagnostics):
+    """Without diagnostics, task arithmetic reads the experts as stored and subtracts the
+    base block by block as it sums (widened as it is subtracted, as task_vectors does):
+    the same files, bit for bit, as task vectors formed first (and as with diagnostics)."""
+    from transformers import WhisperForConditionalGeneration
+    experts = {}
+    for name, path in [("base", tiny_models["base"]), *tiny_models["experts"].items()]:
+        model = WhisperForConditionalGeneration.from_pretrained(path)
+        model.to(getattr(torch, stored)).save_pretrained(tmp_path / name)
+        experts[name] = tmp_path / name
+    config = validate_config({"base": str(experts.pop("base")), "method": "task_arithmetic",
+                              "parameters": {"lambda": 0.8}, "dtype": stored,
+                              "experts": [{"name": n, "path": str(p), "weight": w}
+                                          for (n, p), w in zip(experts.items(),
+                                                               (1.0, 0.6, 1.7))]})
+    monkeypatch.setattr(core, "FUSED_BLOCK", 64)
+    merge(config, tmp_path / "fused", diagnostics=diagnostics, workers=2)
+    monkeypatch.setattr(core, "fused_merge", lambda *a, **k: None)
+    monkeypatch.setattr(core, "stored_tensors", lambda *a, **k: None)
+    merge(config, tmp_path / "whole", diagnostics=diagnostics, workers=2)
+    ours = load_file(tmp_path / "fused" / "model.safetensors")
+    whole = load_file(tmp_path / "whole" / "model.safetensors")
+    assert ours.keys() == whole.keys()
+    for name, tensor in whole.items():
+        assert torch.equal(ours[name].view(torch.uint8), tensor.view(torch.uint8)), name
+
+
+def test_stored_task_vectors_that_are_not_fused_are_formed_as_before(tiny_models, tmp_path,
+                                                                    monkeypatch):
+    """Experts read as stored but then not fused (the fallback) merge as task vectors."""
+    config = validate_config({"base": str(tiny_models["base"]), "method": "task_arithmetic",
+                              "parameters": {"lambda": 0.37},
+                              "experts": [{"name": n, "path": str(p)}
+                                          for n, p in tiny_models["experts"].items()]})
+    merge(config, tmp_path / "fused", diagnostics=False)
+    monkeypatch.setattr(core, "fused_merge", lambda *a, **k: None)
+    merge(config, tmp_path / "fallback", diagnostics=False)
+    ours = load_file(tmp_path / "fused" / "model.safetensors")
+    other = load_file(tmp_path / "fallback" / "model.safetensors")
+    assert all(torch.equal(ours[n].view(torch.uint8), other[n].view(torch.uint8))
+               for n in other)
