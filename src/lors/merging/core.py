@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-import threading
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping, NamedTuple, Sequence
@@ -24,7 +23,7 @@ from . import primitives as P
 from .global_topk import GlobalThreshold
 from .groups import GROUPS, MATRIX_GROUPS, group_of
 from .context import Known, OpContext, lors_settings
-from .methods import OPS, linear_terms
+from .methods import OPS
 
 _LAYER = re.compile(r"^model\.(encoder|decoder)\.layers\.(\d+)\.")
 COPY = "copy"  # the op of tensors that are not merged (integer buffers): the base's, as stored
@@ -301,150 +300,6 @@ def merged_delta(entry: PlanEntry, taus: Sequence[Tensor], weights: Sequence[flo
     combination, stats = combine(entry, taus, weights, params, **options)
     return finish(entry, combination, lambda_for(entry, params), taus, weights, params,
                   inplace=True), stats
-
-
-# Entries per block of :func:`fused_merge`: small enough that a block of the accumulator
-# stays in cache across its passes, and a multiple of every SIMD width, so that a block
-# boundary never moves an entry between a kernel's vector loop and its scalar tail.
-FUSED_BLOCK = 1 << 16
-_scratch = threading.local()
-
-
-def fused_merge(entry: PlanEntry, base: Tensor, taus: Sequence[Tensor],
-                weights: Sequence[float], params: dict, *, dtype: torch.dtype,
-                empty: Callable | None = None, thresholds: Sequence[float] | None = None,
-                known: Sequence[Known | None] | None = None, map: Callable = map,
-                submit: Callable | None = None, helpers: int = 0
-                ) -> tuple[Tensor, bool, dict] | None:
-    """``base + merged_delta(...)`` for an op that is a weighted sum of (sparsified) task
-    vectors (:meth:`OpSpec.is_linear`), uncalibrated, on the CPU in float32: the weighted
-    sum, lambda, the base add, the cast to ``dtype`` and
-    the finiteness sum are done block by block (:data:`FUSED_BLOCK` entries), each block
-    through all of them while it is in cache, by this thread and ``helpers`` tasks given to
-    ``submit`` (a pool's). The cast goes into ``empty(shape, dtype)`` (reused memory; else
-    a new tensor). Every entry goes through the same operations in the same order
-    as :func:`merged_delta`, ``base.add_``, the cast and :func:`all_finite`, so the result
-    is the same bit for bit. Returns (merged tensor, whether finite, the op's records);
-    None when the op or the tensors are not of that kind (nothing done then). ``base`` is
-    modified in place (as the engine's ``base.add_(delta)``)."""
-    spec = OPS[entry.op]
-    stored = isinstance(taus, Stored)
-    if (not fusable(entry, params, base.shape) or base.device.type != "cpu"
-            or base.dtype != torch.float32 or not base.is_contiguous()
-            or any(t.device.type != "cpu" or t.shape != base.shape
-                   or t.dtype not in (STORED if stored else (torch.float32,)) for t in taus)
-            or (stored and (spec.sparsify is not None or known is not None))):
-        return None
-    ctx = _context(entry, weights, params, thresholds if spec.global_scope else None,
-                   map=map, known=known)
-    terms = [(t.reshape(-1), w) for t, w in linear_terms(taus, ctx, spec.sparsify)]
-    scale = lambda_for(entry, params)
-    flat = base.reshape(-1)
-    out = None
-    if dtype != torch.float32:
-        out = empty(base.shape, dtype) if empty is not None else torch.empty_like(base,
-                                                                                 dtype=dtype)
-    target = None if out is None else out.reshape(-1)
-    wide = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
-    size = flat.numel()
-    count = -(-size // FUSED_BLOCK)
-    sums = [True] * count
-
-    def block(k: int) -> None:
-        start = k * FUSED_BLOCK
-        stop = min(size, start + FUSED_BLOCK)
-        scratch = getattr(_scratch, "blocks", None)
-        if scratch is None or scratch.shape[1] < stop - start:
-            scratch = _scratch.blocks = torch.empty(2, FUSED_BLOCK, dtype=torch.float32)
-        base_block, acc, tau = flat[start:stop], scratch[0, :stop - start], scratch[1, :stop - start]
-
-        def part(tensor: Tensor) -> Tensor:  # stored: the task vector, as task_vectors makes it
-            return (torch.sub(tensor[start:stop], base_block, out=tau) if stored
-                    else tensor[start:stop])
-        (first, weight), rest = terms[0], terms[1:]
-        if weight is None:  # the accumulator itself
-            acc = first[start:stop]
-        else:  # as `part * weight`, into this thread's scratch block
-            acc = torch.mul(part(first), weight, out=acc)
-        for tensor, alpha in rest:
-            acc.add_(part(tensor), alpha=alpha)
-        acc.mul_(scale)  # Combination.delta
-        merged = base_block.add_(acc)  # the engine's base.add_(delta)
-        if target is not None:
-            merged = target[start:stop].copy_(merged)
-        sums[k] = math.isfinite(float(merged.sum(dtype=wide)))
-
-    _spread(block, count, submit, helpers)
-    merged = base if target is None else out
-    finite = all(sums) or bool(torch.isfinite(merged).all())  # as all_finite: exact
-    return merged, finite, ctx.stats
-
-
-STORED = (torch.float32, torch.float16, torch.bfloat16)
-
-
-class Stored(list):
-    """The experts' copies of a tensor as read (float32, float16 or bfloat16), not yet
-    minus the base: :func:`fused_merge` forms the task vectors block by block, as
-    :func:`task_vectors` would (``stored - base`` in float32), while it sums them."""
-
-
-def fusable(entry: PlanEntry, params: dict, shape: Sequence[int]) -> bool:
-    """Whether :func:`fused_merge` merges ``entry`` (of ``shape``): its op is a weighted sum
-    that lambda scales, not calibrated."""
-    spec = OPS[entry.op]
-    return (spec.is_linear(params) and spec.lambda_scaled and not spec.split
-            and not calibrates(entry, params, shape))
-
-
-def stored_tensors(experts: Mapping, entry: PlanEntry, params: dict, shape: Sequence[int],
-                   map: Callable = map, buffers=None) -> Stored | None:
-    """Tensor ``entry.name`` of every expert as stored, unchecked (into ``buffers``), for
-    :func:`fused_merge` to subtract the base as it sums: only for a fused sum of the task
-    vectors themselves (task arithmetic) of full checkpoints stored in float32, float16 or
-    bfloat16; else None (nothing read)."""
-    if (not fusable(entry, params, shape) or OPS[entry.op].sparsify is not None
-            or any(hasattr(s, "delta") or hasattr(s, "factors") or hasattr(s, "pruned_with")
-                   or s.meta[entry.name].dtype not in STORED for s in experts.values())):
-        return None
-    return Stored(map(lambda source: _read(source, entry.name, buffers), experts.values()))
-
-
-def minus_base(stored: Sequence[Tensor], base: Tensor) -> list[Tensor]:
-    """The task vectors of :class:`Stored` tensors, as :func:`task_vectors` makes them."""
-    return [t.float().sub_(base) if t.dtype == torch.float32 else torch.sub(t, base)
-            for t in stored]
-
-
-def _spread(work: Callable[[int], None], count: int, submit: Callable | None,
-            helpers: int) -> None:
-    """``work(k)`` for k in range(count), by this thread and up to ``helpers`` tasks given
-    to ``submit``; a task that has not started when the work is done is cancelled (the
-    pool may be busy reading the next tensor: this thread never waits for it)."""
-    lock = threading.Lock()
-    state = {"next": 0}
-
-    def drain() -> None:
-        while True:
-            with lock:
-                k = state["next"]
-                if k >= count:
-                    return
-                state["next"] = k + 1
-            try:
-                work(k)
-            except BaseException:
-                with lock:
-                    state["next"] = count  # the others stop too
-                raise
-    started = ([submit(drain) for _ in range(min(helpers, count - 1))]
-               if submit is not None and count > 1 else [])
-    try:
-        drain()
-    finally:
-        for task in started:
-            if not task.cancel():
-                task.result()
 
 
 def all_finite(tensor: Tensor) -> bool:

@@ -194,8 +194,7 @@ def merge(config: MergeConfig, out: Path, *, force: bool = False, diagnostics: b
         buffers = Buffers()  # tensors are read into the memory of those already written
         with ThreadPoolExecutor(1) as writing:  # tensor k is written while k + 1 merges
             written = None
-            for done, (entry, inputs) in enumerate(_prefetched(plan, pool, device, buffers,
-                                                               fuse=stats is None)):
+            for done, (entry, inputs) in enumerate(_prefetched(plan, pool, device, buffers)):
                 merged = _merge_one(plan, entry, inputs, dtype, thresholds, stats, pool,
                                     buffers)
                 buffers.give(*(inputs[1] or ()))  # the task vectors: nothing uses them now
@@ -232,23 +231,16 @@ Inputs = tuple[torch.Tensor, list[torch.Tensor] | None, list | None]
 
 
 def _load_inputs(plan: MergePlan, entry: PlanEntry, pool: Executor | None = None,
-                 device: torch.device | None = None, buffers: Buffers | None = None,
-                 fuse: bool = False) -> Inputs:
+                 device: torch.device | None = None, buffers: Buffers | None = None
+                 ) -> Inputs:
     """The base tensor as stored (for "copy"), or float32 base and task vectors, on
     ``device`` (read on the CPU, into ``buffers``, then moved). The reads are not checked
     for NaN or Inf (but for ops blind to their inputs, :data:`core.BLIND_OPS`): the merged
-    tensor is. With ``fuse`` (nothing else needs the task vectors: no diagnostics), the
-    experts' tensors as stored instead where :func:`core.fused_merge` forms the task
-    vectors as it sums them (:func:`core.stored_tensors`)."""
+    tensor is."""
     if entry.op == COPY:
         return plan.base.read(entry.name), None, None
     check = entry.op in core.BLIND_OPS
     base_tensor = core.read_float(plan.base, "base", entry.name, check=check, buffers=buffers)
-    if fuse and (device is None or device.type == "cpu"):
-        stored = core.stored_tensors(plan.experts, entry, plan.params, base_tensor.shape,
-                                     pool.map if pool else map, buffers)
-        if stored is not None:
-            return base_tensor, stored, None
     taus = core.task_vectors(plan.experts, entry.name, base_tensor,
                              pool.map if pool else map, check=check, buffers=buffers)
     known = core.known_parts(plan.experts, entry.name)
@@ -269,8 +261,7 @@ def _known_on(known: Known | None, device: torch.device) -> Known | None:
 
 
 def _prefetched(plan: MergePlan, pool: Executor | None, device: torch.device | None = None,
-                buffers: Buffers | None = None, fuse: bool = False
-                ) -> Iterator[tuple[PlanEntry, Inputs]]:
+                buffers: Buffers | None = None) -> Iterator[tuple[PlanEntry, Inputs]]:
     """Each entry with its inputs; with a pool, the next entry's are read meanwhile.
 
     A reader thread loads tensor k+1 (the experts' copies through the pool's workers) while
@@ -279,16 +270,16 @@ def _prefetched(plan: MergePlan, pool: Executor | None, device: torch.device | N
     """
     if pool is None:
         for entry in plan.entries:
-            yield entry, _load_inputs(plan, entry, device=device, buffers=buffers, fuse=fuse)
+            yield entry, _load_inputs(plan, entry, device=device, buffers=buffers)
         return
     with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) as reader:
-        pending = (reader.submit(_load_inputs, plan, plan.entries[0], pool, device, buffers,
-                                 fuse) if plan.entries else None)
+        pending = (reader.submit(_load_inputs, plan, plan.entries[0], pool, device, buffers)
+                   if plan.entries else None)
         for index, entry in enumerate(plan.entries):
             inputs = pending.result()
             if index + 1 < len(plan.entries):
                 pending = reader.submit(_load_inputs, plan, plan.entries[index + 1], pool,
-                                        device, buffers, fuse)
+                                        device, buffers)
             yield entry, inputs
 
 
@@ -307,29 +298,16 @@ def _merge_one(plan: MergePlan, entry: PlanEntry, inputs: Inputs, dtype: torch.d
         args = (entry.name, layer_of(entry.name), entry.group, entry.op, taus, known)
         record = pool.submit(stats.add, *args) if pool is not None else stats.add(*args)
     try:
-        # a weighted sum (task arithmetic, and LoRS, TIES-less DARE, ... once pruned):
-        # summed, scaled, added, cast and checked block by block, by all workers
-        fused = core.fused_merge(
-            entry, base_tensor, taus, plan.weights, plan.params, dtype=dtype,
-            empty=buffers.empty if buffers is not None else None,
-            thresholds=thresholds, known=known, map=pool.map if pool is not None else map,
-            submit=pool.submit if pool is not None else None,
-            helpers=getattr(pool, "_max_workers", 0))  # the pool's thread count
-        if fused is not None:
-            merged, finite, op_stats = fused
-        else:
-            if isinstance(taus, core.Stored):  # not fused after all: the task vectors
-                taus = core.minus_base(taus, base_tensor)
-            delta, op_stats = core.merged_delta(entry, taus, plan.weights, plan.params,
-                                                thresholds=thresholds, known=known,
-                                                map=pool.map if pool is not None else map)
-            merged = base_tensor.add_(delta)
-            del delta
-            if dtype != merged.dtype:  # the cast .to(dtype) makes, into a reused buffer
-                merged = (buffers.empty(merged.shape, dtype) if buffers is not None and
-                          merged.device.type == "cpu" else torch.empty_like(merged, dtype=dtype)
-                          ).copy_(merged)
-            finite = core.all_finite(merged)
+        delta, op_stats = core.merged_delta(entry, taus, plan.weights, plan.params,
+                                            thresholds=thresholds, known=known,
+                                            map=pool.map if pool is not None else map)
+        merged = base_tensor.add_(delta)
+        del delta
+        if dtype != merged.dtype:  # the cast .to(dtype) makes, into a reused buffer
+            merged = (buffers.empty(merged.shape, dtype) if buffers is not None and
+                      merged.device.type == "cpu" else torch.empty_like(merged, dtype=dtype)
+                      ).copy_(merged)
+        finite = core.all_finite(merged)
     except Exception:
         core.check_inputs(plan.base, plan.experts, entry.name)  # raises naming the input
         raise

@@ -57,29 +57,6 @@ def sparsify_elect_combine(taus: Sequence[Tensor], ctx: OpContext, sparsify: Spa
     return merged if merged is not None else torch.zeros(shape, **like)
 
 
-# A term of a weighted sum: (tensor, weight) adds weight * tensor; the first term starts the
-# accumulator, as tensor * weight (a new tensor), or as the tensor itself when its weight is
-# None (then it is the accumulator, not an input: it is modified).
-Term = tuple[Tensor, "float | None"]
-
-
-def linear_terms(taus: Sequence[Tensor], ctx: OpContext, sparsify: Sparsify | None
-                 ) -> list[Term]:
-    """The weighted sum :func:`sparsify_elect_combine` makes without election, as terms
-    still to be added (the engine adds them block by block, fused with lambda and the
-    base; see :func:`lors.merging.core.fused_merge`), with the same operations per entry.
-    Without ``sparsify``, the task vectors themselves with their weights (nothing is
-    computed here); with it, the parts are pruned and accumulated as they come, as
-    :func:`sparsify_elect_combine` does, into one accumulator."""
-    if sparsify is not None:
-        return [(sparsify_elect_combine(taus, ctx, sparsify, False), None)]
-    terms: list[Term] = [(tau, weight) for i, (tau, weight) in enumerate(zip(taus, ctx.weights))
-                         if not ctx.is_zero(i)]
-    if not terms:
-        return [(torch.zeros(taus[0].shape, dtype=taus[0].dtype, device=taus[0].device), None)]
-    return terms
-
-
 ELECT_BLOCK = 1 << 22  # entries of all experts' parts elected at once (16 MiB in float32)
 
 
@@ -248,14 +225,6 @@ class OpSpec:
     lambda_scaled: bool = True        # False: the delta is used as it is (mean, base)
     default_lambda: str | float | Callable[[dict], str | float] = "1/T"
     split: bool = False               # combine returns (part lambda scales, part it does not)
-    # A weighted sum of (sparsified) task vectors, sum_i w_i sparsify(tau_i), for the given
-    # parameters: then sparsify (None: the task vectors themselves) is what the engine may
-    # add block by block (:func:`linear_terms`). None: not such a sum.
-    linear: Callable[[dict], bool] | None = None
-    sparsify: Sparsify | None = None
-
-    def is_linear(self, params: dict) -> bool:
-        return self.linear is not None and self.linear(params)
 
     def lambda_default(self, params: dict) -> str | float:
         return self.default_lambda(params) if callable(self.default_lambda) else self.default_lambda
@@ -266,24 +235,19 @@ def _spec(combine: Combine, parameters: set[str], defaults: dict | None = None,
     return OpSpec(combine, frozenset(parameters), defaults or {}, **facts)
 
 
-def _always(params: dict) -> bool:
-    return True
-
-
 OPS: dict[str, OpSpec] = {
     "task_arithmetic": _spec(lambda taus, ctx: sparsify_elect_combine(taus, ctx, None, False),
-                             {"lambda"}, linear=_always),
+                             {"lambda"}),
     "average": _spec(_weighted_mean, set(), lambda_scaled=False, default_lambda=1.0),
     "magnitude": _spec(lambda taus, ctx: sparsify_elect_combine(taus, ctx, _magnitude, False),
                        {"lambda", "keep", "scope"}, {"keep": 0.2, "scope": "tensor"},
-                       global_scope=True, linear=_always, sparsify=_magnitude),
+                       global_scope=True),
     "svd": _spec(lambda taus, ctx: sparsify_elect_combine(taus, ctx, _low_rank, False),
                  {"lambda", "rank", "rank_ratio", *SVD_PARAMETERS}, {"rank": 7},
-                 matrix_only=True, linear=_always, sparsify=_low_rank),
+                 matrix_only=True),
     "lors": _spec(lambda taus, ctx: sparsify_elect_combine(taus, ctx, _lors, False),
                   {"lambda", "rank", "rank_ratio", "keep", *SVD_PARAMETERS},
-                  {"rank": 7, "keep": 0.2}, matrix_only=True, linear=_always,
-                  sparsify=_lors),
+                  {"rank": 7, "keep": 0.2}, matrix_only=True),
     "ties": _spec(lambda taus, ctx: sparsify_elect_combine(taus, ctx, _magnitude, True),
                   {"lambda", "keep", "scope"}, {"keep": 0.2, "scope": "tensor"},
                   global_scope=True, default_lambda=1.0),
@@ -291,8 +255,7 @@ OPS: dict[str, OpSpec] = {
                       taus, ctx, _dare, ctx.params["dare_combine"] == "ties"),
                   {"lambda", "keep", "dare_combine"}, {"keep": 0.5, "dare_combine": "linear"},
                   # the elected disjoint mean is a mean: scale 1, like TIES
-                  default_lambda=lambda p: 1.0 if p.get("dare_combine") == "ties" else "1/T",
-                  linear=lambda p: p["dare_combine"] != "ties", sparsify=_dare),
+                  default_lambda=lambda p: 1.0 if p.get("dare_combine") == "ties" else "1/T"),
     "tsv": _spec(_tsv, {"lambda"}, matrix_only=True, default_lambda=1.0),
     "iso_c": _spec(_iso_c, {"lambda"}, matrix_only=True, default_lambda=1.0),
     # CART: mean + lambda * sum of rank-k centred task vectors; k about 8% of min(m, n) is
