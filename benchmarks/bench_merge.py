@@ -12,6 +12,10 @@ One run measures, on this machine:
   - peak RSS of each merge against the model size, the largest tensor and the runtime (a
     process that imports lors and merges nothing): memory must be bounded by a few tensors
     per expert plus the runtime, never by the model size.
+  - LoRS's own CPU per matrix entry (randomized SVD, prune) on one thread, times the entries
+    it prunes: the CPU LoRS must add to task arithmetic's, whatever the engine does
+  - with --svd-niter-row N, also LoRS with N power iterations instead of 2 (fewer passes over
+    each matrix: faster, and a different, less exact low-rank part)
 Each merge (and the floor) runs in its own process, so its time and its peak resident memory
 (VmHWM) are its own; times exclude interpreter start and imports. The machine is noisy, so
 the runs alternate in rounds (floor, TA, LoRS, TIES, TA, LoRS with diagnostics) and each
@@ -20,6 +24,7 @@ ratio is the median over rounds of the ratio within a round (back-to-back runs).
     python benchmarks/bench_merge.py [--workdir DIR] [--experts 5] [--repeats 3]
     python benchmarks/bench_merge.py --shape large-v3 --dtype float16 --repeats 1
     python benchmarks/bench_merge.py --naive   # also the research-code LoRS (small only)
+    python benchmarks/bench_merge.py --svd-niter-row 0
 
 Models are written to --workdir (kept) or a temporary folder (removed at the end); large-v3
 in float16 needs about 3.1 GB per model (6 models + one output: ~22 GB of disk).
@@ -103,10 +108,10 @@ def run_floor(root: Path, experts: int, out: Path) -> dict:
 
 
 def run_lors(root: Path, method: str, experts: int, out: Path, diagnostics: bool,
-             exact: bool = False) -> dict:
+             parameters: dict | None = None) -> dict:
     from lors.merging import merge, validate_config
     cfg = validate_config({"base": str(root / "base"), "method": method,
-                           "parameters": {"svd": "exact"} if exact else {},
+                           "parameters": parameters or {},
                            "experts": [{"name": f"e{i}", "path": str(root / f"e{i}")}
                                        for i in range(experts)]})
     start = time.perf_counter()
@@ -157,9 +162,11 @@ def child(args: argparse.Namespace) -> None:
     elif args.child == "naive":
         result = run_naive(root, args.experts, out)
     else:
-        method, _, flag = args.child.partition(":")
-        result = run_lors(root, method, args.experts, out, diagnostics=flag != "nodiag",
-                          exact=flag == "exact")
+        method, *flags = args.child.split(":")  # e.g. lors:nodiag:niter0
+        parameters = {"svd": "exact"} if "exact" in flags else {}
+        parameters.update({"svd_niter": int(f[5:]) for f in flags if f.startswith("niter")})
+        result = run_lors(root, method, args.experts, out, diagnostics="nodiag" not in flags,
+                          parameters=parameters)
     result["peak_rss"] = peak_rss_bytes()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result["cpu"] = usage.ru_utime + usage.ru_stime - args.cpu_before
@@ -182,6 +189,43 @@ def measure(args: argparse.Namespace, workdir: Path, what: str, experts: int) ->
           f"(CPU {result['cpu']:6.2f} s)  peak RSS {result['peak_rss'] / 2**30:6.2f} GiB",
           flush=True)
     return result
+
+
+def matrix_entries(shape: dict) -> int:
+    """Entries of the 2-D attention and FFN matrices LoRS prunes, per model."""
+    d, enc, dec = shape["d_model"], shape["encoder_ffn_dim"], shape["decoder_ffn_dim"]
+    return (shape["encoder_layers"] * (4 * d * d + 2 * d * enc)
+            + shape["decoder_layers"] * (8 * d * d + 2 * d * dec))
+
+
+def lors_step_costs(shape: dict, repeats: int = 5) -> dict[str, float]:
+    """CPU seconds per matrix entry of LoRS's two steps on one FFN matrix, one torch thread
+    (as each engine worker runs): the randomized SVD at the default rank (its 6 products with
+    the matrix: sketch, 2 power iterations, projection) and the prune (residual, exact top-k,
+    mask, adding L back). Medians over ``repeats``."""
+    from lors.merging import primitives as P
+    generator = torch.Generator().manual_seed(0)
+    rows, cols = shape["encoder_ffn_dim"], shape["d_model"]
+    spectrum = torch.arange(1, cols + 1, dtype=torch.float32) ** -0.5  # slowly decaying
+    u, _ = torch.linalg.qr(torch.randn(rows, cols, generator=generator))
+    v, _ = torch.linalg.qr(torch.randn(cols, cols, generator=generator))
+    matrix = ((u * spectrum) @ v.T).contiguous()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        def cpu_time(step) -> float:
+            times = []
+            for _ in range(repeats):
+                start = time.process_time()
+                step()
+                times.append(time.process_time() - start)
+            return statistics.median(times) / matrix.numel()
+        factors = P.truncated_svd(matrix, 7, generator=torch.Generator().manual_seed(1))
+        return {"svd": cpu_time(lambda: P.truncated_svd(
+                    matrix, 7, generator=torch.Generator().manual_seed(1))),
+                "prune": cpu_time(lambda: P.lors_prune(matrix, 7, 0.2, factors=factors))}
+    finally:
+        torch.set_num_threads(previous)
 
 
 def model_bytes(folder: Path) -> int:
@@ -207,6 +251,9 @@ def main() -> None:
                         help="skip the TA/LoRS pair with diagnostics on")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of back-to-back runs")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--svd-niter-row", type=int, metavar="N",
+                        help="also LoRS with svd_niter N (fewer passes over each matrix; "
+                             "a numerical change, the default is 2)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -231,6 +278,8 @@ def main() -> None:
     rounds = ["floor", "task_arithmetic:nodiag", "lors:nodiag"]
     rounds += ["ties:nodiag"] if args.ties else []
     rounds += ["task_arithmetic", "lors"] if args.diag_pair else []
+    fewer_passes = f"lors:nodiag:niter{args.svd_niter_row}"
+    rounds += [fewer_passes] if args.svd_niter_row is not None else []
     runs: dict[str, list[dict]] = {}
     for _ in range(args.repeats):
         for what in rounds:
@@ -261,11 +310,24 @@ def main() -> None:
         pair("LoRS / task arithmetic (diagnostics on)", "lors", "task_arithmetic",
              TARGETS["lors/ta diag"])
         pair("task arithmetic diagnostics on / off", "task_arithmetic", "task_arithmetic:nodiag")
+    if args.svd_niter_row is not None:
+        pair(f"LoRS svd_niter {args.svd_niter_row} / task arithmetic", fewer_passes,
+             "task_arithmetic:nodiag")
     if args.ties:
         pair("TIES / task arithmetic (diagnostics off)", "ties:nodiag", "task_arithmetic:nodiag",
              TARGETS["ties/ta"])
         line("peak RSS TIES / task arithmetic", ratios("ties:nodiag", "task_arithmetic:nodiag",
                                                       "peak_rss"), TARGETS["ties/ta rss"])
+    # Why LoRS / TA is where it is: its own steps' CPU, per entry, times the entries it prunes
+    costs = lors_step_costs(shape)
+    entries = matrix_entries(shape) * args.experts
+    ta_cpu = statistics.median(r["cpu"] for r in runs["task_arithmetic:nodiag"])
+    print(f"\nLoRS's own CPU (one thread, {entries / 1e6:.0f} M matrix entries of "
+          f"{args.experts} experts): randomized SVD {costs['svd'] * 1e9:.1f} ns/entry = "
+          f"{costs['svd'] * entries:.1f} s, prune {costs['prune'] * 1e9:.1f} ns/entry = "
+          f"{costs['prune'] * entries:.1f} s; task arithmetic's whole merge {ta_cpu:.1f} s CPU: "
+          f"LoRS / TA CPU >= {1 + (costs['svd'] + costs['prune']) * entries / ta_cpu:.2f} "
+          "unless that work hides behind I/O")
     print(f"\nmemory: runtime (imports, no merge) {runtime['peak_rss'] / 2**30:.2f} GiB, "
           f"model {size / 2**30:.2f} GiB, largest tensor (float32) {largest / 2**20:.0f} MiB")
     for what, values in runs.items():

@@ -45,7 +45,11 @@ def magnitude_mask(x: Tensor, keep: float) -> Tensor:
         return torch.zeros_like(x, dtype=torch.bool)
     if k >= x.numel():
         return torch.ones_like(x, dtype=torch.bool)
-    return magnitude_at_least(x, magnitude_threshold(x, keep))
+    # one |x| buffer for both steps: the selection reorders it, so |x| is written into it
+    # again (memory already touched) rather than into a new tensor of x's size
+    magnitude = x.detach().abs()
+    threshold = kth_largest(magnitude, k, overwrite=True)
+    return _at_least(torch.abs(x.detach(), out=magnitude), threshold)
 
 
 def magnitude_threshold(x: Tensor, keep: float) -> Tensor:
@@ -67,7 +71,10 @@ def magnitude_threshold(x: Tensor, keep: float) -> Tensor:
 
 def magnitude_at_least(x: Tensor, threshold: Tensor) -> Tensor:
     """Boolean mask |x| >= ``threshold`` (a 0-d tensor of ``x``'s dtype), in ``x``'s dtype."""
-    magnitude = x.abs()
+    return _at_least(x.abs(), threshold)
+
+
+def _at_least(magnitude: Tensor, threshold: Tensor) -> Tensor:
     if magnitude.device.type == "cpu" and magnitude.dtype == torch.float32:
         # numpy's comparison is several times faster than torch's bool kernels on this CPU
         return torch.from_numpy(magnitude.numpy() >= threshold.numpy())
