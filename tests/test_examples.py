@@ -11,7 +11,11 @@ from lors.merging.methods import METHODS
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = [ROOT / "examples" / "benchmark-5lang.yaml",
                ROOT / "examples" / "benchmark-5lang-cpu.yaml",
+               ROOT / "examples" / "settings-3lang-cpu.yaml",
+               ROOT / "examples" / "methods-3lang-cpu.yaml",
+               ROOT / "examples" / "mtl-plateau-3lang-cpu.yaml",
                ROOT / "src" / "lors" / "experiment" / "demo.yaml"]
+DEMO = load_experiment(EXPERIMENTS[-1])
 MERGES = [ROOT / "examples" / "lors-5-experts.yaml", ROOT / "examples" / "tiny-merge.yaml"]
 
 
@@ -45,3 +49,30 @@ def test_cpu_benchmark_is_the_paper_languages_with_the_target_methods():
 def test_merge_configs_validate(path):
     method, params, _ = resolve(load_config(path))
     assert method and params
+
+
+def _same_data_and_training_as_the_demo(config):
+    assert config.languages == DEMO.languages and config.tasks == DEMO.tasks
+    assert config.data == DEMO.data
+    assert config.training.model_dump(exclude={"patience"}) == \
+        DEMO.training.model_dump(exclude={"patience"})
+
+
+def test_settings_run_is_the_paper_settings_at_demo_size():
+    config = load_experiment(EXPERIMENTS[2])
+    _same_data_and_training_as_the_demo(config)
+    assert set(config.settings) == {"asr", "st", "multitask", "all"}
+
+
+def test_methods_run_has_every_method_at_demo_size():
+    config = load_experiment(EXPERIMENTS[3])
+    _same_data_and_training_as_the_demo(config)
+    assert set(METHODS) | {"lors_exact"} == set(config.methods)
+    # LoRS both ways on the same grid, so the paired test isolates the SVD
+    assert config.methods["lors"] == config.methods["lors_exact"]
+
+
+def test_plateau_run_compares_both_mtl_baselines():
+    config = load_experiment(EXPERIMENTS[4])
+    _same_data_and_training_as_the_demo(config)
+    assert {"mtl", "mtl_plateau"} <= set(config.baselines) and config.training.patience
