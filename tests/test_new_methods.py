@@ -191,6 +191,31 @@ def test_iso_cts_op_weights_the_task_matrices_and_scales_by_lambda():
     assert ops["ffn"] == "iso_cts" and ops["layer_norm"] == "average"
 
 
+def test_svds_that_fail_in_float32_are_recomputed_in_float64(monkeypatch):
+    # LAPACK's float32 SVD failed to converge on real experts' Iso-CTS directions; make every
+    # float32 SVD fail so that each method must go through the float64 retry
+    svd = torch.linalg.svd
+
+    def float32_fails(x, *args, **kwargs):
+        if x.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return svd(x, *args, **kwargs)
+
+    taus = random_taus(3, seed=9)
+    expected = {"iso_cts": P.iso_cts_combine(taus, 0.6), "tsv": P.tsv_combine(taus),
+                "iso_c": P.iso_c_combine(sum(taus))}
+    monkeypatch.setattr(torch.linalg, "svd", float32_fails)
+    got = {"iso_cts": P.iso_cts_combine(taus, 0.6), "tsv": P.tsv_combine(taus),
+           "iso_c": P.iso_c_combine(sum(taus))}
+    for name, merged in got.items():
+        assert merged.dtype == torch.float32, name
+        assert close(merged, expected[name]), name
+    with pytest.raises(torch.linalg.LinAlgError):  # float64 failing too is not hidden
+        monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: (_ for _ in ()).throw(
+            torch.linalg.LinAlgError("no convergence")))
+        P.thin_svd(taus[0])
+
+
 def test_iso_cts_reduces_to_iso_c():
     taus = random_taus(3, seed=8)
     # common_ratio 1: no task-specific directions, the whole spectrum of the sum is flattened

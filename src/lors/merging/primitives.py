@@ -97,6 +97,23 @@ def magnitude_prune(x: Tensor, keep: float) -> Tensor:
     return zero_outside_(x.clone(memory_format=torch.contiguous_format), mask)
 
 
+def thin_svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.linalg.svd(x, full_matrices=False)``: U [m,r], S [r], Vh [r,n], r = min(m, n).
+
+    LAPACK's divide-and-conquer SVD can fail to converge in float32 on an ill-conditioned
+    matrix (seen on real Whisper experts: Iso-CTS's stacked task-specific directions of a
+    cross-attention key projection, singular values 2.4 down to 1.5e-3); it is then recomputed
+    in float64 and returned in x's dtype. Otherwise the result is exactly torch's.
+    """
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if x.dtype == torch.float64:
+            raise
+        u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+        return u.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
+
+
 def truncated_svd(x: Tensor, rank: int, *, exact: bool = False, oversample: int = 10,
                   niter: int = 2, generator: torch.Generator | None = None
                   ) -> tuple[Tensor, Tensor, Tensor]:
@@ -118,7 +135,7 @@ def truncated_svd(x: Tensor, rank: int, *, exact: bool = False, oversample: int 
         return x.new_zeros(m, 0), x.new_zeros(0), x.new_zeros(0, n)
     sketch = rank + oversample
     if exact or sketch >= min(m, n):
-        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        u, s, vh = thin_svd(x)
         return u[:, :rank], s[:rank], vh[:rank]
     # drawn where the generator lives (CPU for lors' seeded ones) and moved to x: the same
     # sketch, so the same factors up to rounding, on any device
@@ -221,7 +238,7 @@ def weighted_sum(stacked: Tensor, weights: Sequence[float]) -> Tensor:
 
 def orthogonalise(x: Tensor) -> Tensor:
     """The nearest matrix with orthonormal columns (Procrustes): P Q^T where x = P S Q^T."""
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    p, _, qh = thin_svd(x)
     return p @ qh
 
 
@@ -237,7 +254,7 @@ def tsv_combine(task_matrices: Sequence[Tensor]) -> Tensor:
     k = max(1, min(m, n) // count)
     us, ss, vs = [], [], []
     for matrix in task_matrices:
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        u, s, vh = thin_svd(matrix)
         us.append(u[:, :k])
         ss.append(s[:k])
         vs.append(vh[:k].T)
@@ -251,7 +268,7 @@ def iso_c_combine(summed: Tensor) -> Tensor:
 
     Every singular value of sum_i tau_i is replaced by their mean (an isotropic spectrum).
     """
-    u, s, vh = torch.linalg.svd(summed, full_matrices=False)
+    u, s, vh = thin_svd(summed)
     return (u * s.mean()) @ vh
 
 
@@ -340,12 +357,12 @@ def iso_cts_combine(task_matrices: Sequence[Tensor], common_ratio: float) -> Ten
     rank = min(m, n)
     k, per_task = iso_cts_split(rank, len(task_matrices), common_ratio)
     summed = torch.stack(list(task_matrices)).sum(dim=0)
-    u, s, vh = torch.linalg.svd(summed, full_matrices=False)
+    u, s, vh = thin_svd(summed)
     us, ss, vs = [u[:, :k]], [s[:k]], [vh[:k].T]
     common = u[:, :k]
     for tau in task_matrices:
         residual = tau - common @ (common.T @ tau)
-        p, e, qh = torch.linalg.svd(residual, full_matrices=False)
+        p, e, qh = thin_svd(residual)
         us.append(p[:, :per_task])
         ss.append(e[:per_task])
         vs.append(qh[:per_task].T)
@@ -368,7 +385,7 @@ def svc_calibrate(merged: Tensor, task_matrices: Sequence[Tensor], alpha: float)
     over-counted directions, s > 1, shrink; diluted ones, alpha < s < 1, grow back).
     Returns U diag(gamma * S) V^T; the singular vectors are unchanged.
     """
-    u, s, vh = torch.linalg.svd(merged, full_matrices=False)
+    u, s, vh = thin_svd(merged)
     response = s[:, None] * vh  # a_r, one row per direction (||a_r|| = S_r)
     total = torch.zeros_like(s)
     for tau in task_matrices:
