@@ -62,6 +62,9 @@ def test_tiny_experiment_reports_every_method_and_resumes(tiny_experiment):
     assert [r["name"].split(" ")[0] for r in extension["rows"]] == ["existing", "add",
                                                                     "re-merge", "retrain"]
     assert all(r["normalised"] is not None and r["cost_s"] > 0 for r in extension["rows"])
+    for row in extension["rows"]:  # every row with its interval, as every other table
+        low, high = row["normalised_interval"]
+        assert low <= row["normalised"] <= high, row
     # the existing merge had its own search, which never saw French
     assert list((root / "out" / "search").glob("all-without-fr-lors-*.json"))
     assert extension["added_params"]["lambda"] != extension["params"].get("lambda")

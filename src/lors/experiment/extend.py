@@ -21,6 +21,7 @@ from ..checkpoint.reader import open_checkpoint
 from ..fsutil import atomic_directory
 from ..training.modes import export_model, load_whisper
 from .config import digest, validate_and_resolve
+from .intervals import bootstrap_normalised
 from .normalised import normalised_performance
 from .search import SettingSearch, best_point
 from .stages import cached_json
@@ -44,10 +45,18 @@ def _write_state(base: Path, state: dict, out: Path) -> None:
         export_model(whisper, "full", base, tmp)
 
 
-def _normalised(exp, name: str, model: str | Path, pairs, expert_test) -> float:
+def _scored(exp, name: str, model: str | Path, pairs, expert_test) -> dict:
+    """``model``'s normalised % on ``pairs`` and its 90 % bootstrap interval (over the test
+    utterances, resampled jointly with the experts', as every other table's)."""
     evaluation = exp.test_results(name, model, pairs)
     results = [{k: v for k, v in r.items() if k != "utterances"} for r in evaluation["results"]]
-    return normalised_performance(results, expert_test)["percent"]
+    scored = {"normalised": normalised_performance(results, expert_test)["percent"]}
+    records = {(r["language"], r["task"]): r.get("utterances") for r in evaluation["results"]}
+    experts = {tuple(pair): expert_test[tuple(pair)].get("utterances") for pair in pairs}
+    if all(experts.values()) and all(records.get(pair) for pair in experts):
+        scored["normalised_interval"] = bootstrap_normalised(
+            {name: records}, experts)[name]["normalised_interval"]
+    return scored
 
 
 def _add(exp, existing: Path, new: dict[str, str], params: dict, lam_old: float,
@@ -109,20 +118,22 @@ def extensibility(exp, language: str, experts: dict, expert_test: dict,
     rows_out = [
         {"name": f"existing merge without {language} (its own dev search; on its "
                  f"{len(old_pairs)} pairs)",
-         "normalised": _normalised(exp, f"extend-existing-{without}", existing["path"],
-                                   old_pairs, expert_test),
+         **_scored(exp, f"extend-existing-{without}", existing["path"], old_pairs,
+                   expert_test),
          "cost_s": existing_cost},
         {"name": f"add {language} to it (prune only the new experts; lambda "
                  f"{lam_old:g} x {len(old_pairs)}/{len(pairs)}, no search)",
-         "normalised": _normalised(exp, f"extend-add-{language}", out, pairs, expert_test),
+         **_scored(exp, f"extend-add-{language}", out, pairs, expert_test),
          "cost_s": cost["add_s"] + new_training}]
     if "lors" in rows:
         rows_out.append({"name": "re-merge all from scratch (dev search + merge)",
                          "normalised": rows["lors"]["normalised"],
+                         "normalised_interval": rows["lors"].get("normalised_interval"),
                          "cost_s": rows["lors"]["cost"]["merge_s"] + new_training})
     if "mtl" in rows:
         rows_out.append({"name": "retrain the MTL model on every language (a new run)",
                          "normalised": rows["mtl"]["normalised"],
+                         "normalised_interval": rows["mtl"].get("normalised_interval"),
                          "cost_s": rows["mtl"]["cost"]["train_s"]})
     added_params = {**params, "lambda": lam_new}
     same = exp.merged(f"extend-{setting['name']}-remerge", "lors", added_params,
