@@ -18,16 +18,41 @@ def decaying(m: int, n: int, seed: int, decay: float = 1.0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("n,k", [(1000, 1), (1000, 200), (300_000, 60_000), (300_000, 1)])
-def test_kth_largest_matches_sort(n, k):
+def test_kth_largest_magnitude_matches_sort(n, k):
     x = torch.randn(n, generator=torch.Generator().manual_seed(n + k))
-    expected = torch.sort(x, descending=True).values[k - 1]
-    assert P.kth_largest(x, k) == expected
+    expected = torch.sort(x.abs(), descending=True).values[k - 1]
+    assert P.kth_largest_magnitude(x, k) == expected
+    assert torch.equal(x, torch.randn(n, generator=torch.Generator().manual_seed(n + k)))
 
 
-def test_kth_largest_with_heavy_ties():
-    x = torch.cat([torch.zeros(200_000), torch.ones(100_000), torch.arange(1000.0)])
-    for k in (1, 500, 1000, 50_000, 250_000):
-        assert P.kth_largest(x, k) == torch.sort(x, descending=True).values[k - 1]
+def test_kth_largest_magnitude_with_ties_signed_zeros_inf_and_nan():
+    x = torch.cat([torch.zeros(200_000), -torch.zeros(1000), torch.ones(100_000),
+                   -torch.arange(1000.0), torch.tensor([float("inf"), -float("inf")]),
+                   torch.tensor([float("nan")])])
+    ordered = torch.sort(x.abs(), descending=True).values  # NaN first, as the largest
+    assert torch.isnan(P.kth_largest_magnitude(x, 1))
+    for k in (2, 3, 4, 500, 1003, 50_000, 250_000, x.numel()):
+        assert P.kth_largest_magnitude(x, k) == ordered[k - 1], k
+    with pytest.raises(ValueError):
+        P.kth_largest_magnitude(x, 0)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1e-45, 0.7, 1.0, float("inf"), float("-inf"),
+                                       float("nan")])
+def test_keep_at_least_equals_the_masked_product(threshold):
+    """The one-pass cut (hardshrink just below the threshold) against x * (|x| >= t), on
+    values that sit exactly on the threshold, signed zeros, subnormals, inf and NaN."""
+    x = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 0.7, -0.7, 0.69999999, 1.0, -1.0, 2.0,
+                      float("inf"), -float("inf"), float("nan")])
+    x = torch.cat([x, torch.randn(1000, generator=torch.Generator().manual_seed(5))])
+    cut = torch.tensor(threshold)
+    expected = x * (x.abs() >= cut)
+    for got in (P.keep_at_least(x, cut), P.keep_at_least(x, threshold),
+                P.keep_at_least(x.clone(), cut, out=torch.empty_like(x))):
+        assert torch.equal(got.isnan(), expected.isnan())
+        assert torch.equal(got.nan_to_num(), expected.nan_to_num())
+    inplace = x.clone()
+    assert P.keep_at_least(inplace, cut, out=inplace) is inplace
 
 
 def test_magnitude_mask_keeps_exactly_floor_keep_numel():

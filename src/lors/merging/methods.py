@@ -105,17 +105,14 @@ def _sparsified_rows(taus: Sequence[Tensor], ctx: OpContext, sparsify: Sparsify 
     """``rows(i, a, b, out)`` writes rows [a:b] (along dim 0; entries of a 1-D tensor) of
     ``sparsify(i, taus[i], ctx)`` into ``out``, the same values as the whole part's."""
     if sparsify is _magnitude:
-        if ctx.thresholds is not None:  # global scope: as _magnitude's product, by block
-            def rows(i: int, start: int, stop: int, out: Tensor) -> None:
-                block = _rows(taus[i], start, stop)
-                torch.mul(block, block.abs() >= ctx.thresholds[i], out=out)
-            return rows
-        keep = ctx.params["keep"]
-        cuts = list(ctx.map(lambda tau: P.magnitude_threshold(tau, keep), taus))
+        if ctx.thresholds is not None:  # global scope: one cut per expert for the whole model
+            cuts = ctx.thresholds
+        else:
+            keep = ctx.params["keep"]
+            cuts = list(ctx.map(lambda tau: P.magnitude_threshold(tau, keep), taus))
 
         def rows(i: int, start: int, stop: int, out: Tensor) -> None:
-            block = _rows(taus[i], start, stop)
-            P.zero_outside_(out.copy_(block), P.magnitude_at_least(block, cuts[i]))
+            P.keep_at_least(_rows(taus[i], start, stop), cuts[i], out=out)
         return rows
     parts = list(taus)
     if sparsify is not None:
@@ -133,7 +130,7 @@ def _rows(tensor: Tensor, start: int, stop: int) -> Tensor:
 
 def _magnitude(i: int, tau: Tensor, ctx: OpContext) -> Tensor:
     if ctx.thresholds is not None:  # global scope: one threshold per expert for the whole model
-        return tau * (tau.abs() >= ctx.thresholds[i])
+        return P.keep_at_least(tau, ctx.thresholds[i])
     return P.magnitude_prune(tau, ctx.params["keep"])
 
 

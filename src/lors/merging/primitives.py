@@ -13,43 +13,24 @@ import torch
 from torch import Tensor
 
 
-def kth_largest(values: Tensor, k: int, *, overwrite: bool = False) -> Tensor:
-    """The k-th largest entry of ``values`` (any shape), 1 <= k <= numel, as a 0-d tensor.
+def kth_largest_magnitude(x: Tensor, k: int) -> Tensor:
+    """The k-th largest |value| of ``x`` (any shape), 1 <= k <= numel, as a 0-d tensor of
+    ``x``'s dtype (NaN counts as the largest, as in a sort).
 
-    Exact, and never a full sort: on CPU an introselect (``numpy.partition``, linear time,
-    about 10x faster than ``torch.kthvalue`` here); elsewhere ``torch.kthvalue``.
-    ``overwrite``: ``values`` is a temporary the caller drops, which the introselect may
-    reorder in place instead of a copy (the same value, one tensor less in memory).
+    Exact, and never a full sort: on CPU in float32 an introselect (``numpy.partition``,
+    linear time) of |x|'s IEEE-754 bit patterns read as int32, whose order is the order of
+    non-negative floats (NaN above +inf) and which compare about 3x faster than floats;
+    elsewhere ``torch.kthvalue``. One temporary of ``x``'s size (|x|, then reordered).
     """
-    flat = values.detach().reshape(-1)
-    n = flat.numel()
+    magnitude = x.detach().abs().reshape(-1)
+    n = magnitude.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k={k} outside 1..{n}")
-    if flat.device.type == "cpu" and flat.dtype == torch.float32:
-        array = flat.numpy()
-        if overwrite:  # flat is values itself, or a copy reshape made
-            array.partition(n - k)
-            return torch.tensor(array[n - k])
-        return torch.tensor(np.partition(array, n - k)[n - k])
-    return flat.kthvalue(n - k + 1).values
-
-
-def magnitude_mask(x: Tensor, keep: float) -> Tensor:
-    """Boolean mask of the k = floor(keep * numel) entries of ``x`` with the largest |value|.
-
-    Entries tied with the k-th largest magnitude are all kept (so exactly k when there are no
-    ties); keep <= 0 keeps nothing, keep >= 1 keeps everything.
-    """
-    k = int(keep * x.numel())
-    if k <= 0:
-        return torch.zeros_like(x, dtype=torch.bool)
-    if k >= x.numel():
-        return torch.ones_like(x, dtype=torch.bool)
-    # one |x| buffer for both steps: the selection reorders it, so |x| is written into it
-    # again (memory already touched) rather than into a new tensor of x's size
-    magnitude = x.detach().abs()
-    threshold = kth_largest(magnitude, k, overwrite=True)
-    return _at_least(torch.abs(x.detach(), out=magnitude), threshold)
+    if magnitude.device.type == "cpu" and magnitude.dtype == torch.float32:
+        keys = magnitude.numpy().view(np.int32)
+        keys.partition(n - k)
+        return torch.tensor(keys[n - k : n - k + 1].view(np.float32)[0])
+    return magnitude.kthvalue(n - k + 1).values
 
 
 def magnitude_threshold(x: Tensor, keep: float) -> Tensor:
@@ -64,37 +45,47 @@ def magnitude_threshold(x: Tensor, keep: float) -> Tensor:
     if k <= 0 or k >= x.numel():
         return torch.tensor(float("nan") if k <= 0 else float("-inf"), dtype=x.dtype,
                             device=x.device)
-    # |x| twice rather than a copy of it: the selection reorders its own |x| in place, so
-    # at most one float tensor of x's size is alive here besides x (and then the mask)
-    return kth_largest(x.abs(), k, overwrite=True)
+    return kth_largest_magnitude(x, k)
+
+
+def magnitude_mask(x: Tensor, keep: float) -> Tensor:
+    """Boolean mask of the k = floor(keep * numel) entries of ``x`` with the largest |value|.
+
+    Entries tied with the k-th largest magnitude are all kept (so exactly k when there are no
+    ties); keep <= 0 keeps nothing, keep >= 1 keeps everything.
+    """
+    return magnitude_at_least(x, magnitude_threshold(x, keep))
 
 
 def magnitude_at_least(x: Tensor, threshold: Tensor) -> Tensor:
     """Boolean mask |x| >= ``threshold`` (a 0-d tensor of ``x``'s dtype), in ``x``'s dtype."""
-    return _at_least(x.abs(), threshold)
-
-
-def _at_least(magnitude: Tensor, threshold: Tensor) -> Tensor:
+    magnitude = x.detach().abs()
     if magnitude.device.type == "cpu" and magnitude.dtype == torch.float32:
         # numpy's comparison is several times faster than torch's bool kernels on this CPU
         return torch.from_numpy(magnitude.numpy() >= threshold.numpy())
     return magnitude >= threshold
 
 
-def zero_outside_(x: Tensor, mask: Tensor) -> Tensor:
-    """Set the entries of ``x`` where ``mask`` is False to zero, in place; returns ``x``."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous():
-        array = x.numpy()  # numpy's bool multiply is several times faster than torch's here
-        with np.errstate(invalid="ignore"):  # inf * 0 is NaN, as torch's, without a warning
-            np.multiply(array, mask.numpy(), out=array)
-        return x
-    return x.mul_(mask)
+def keep_at_least(x: Tensor, threshold: Tensor | float, *, out: Tensor | None = None
+                  ) -> Tensor:
+    """``x * (|x| >= threshold)``: the entries with |value| below ``threshold`` (a 0-d tensor
+    or a float, compared in ``x``'s dtype) set to zero, the others (NaN included) unchanged;
+    into ``out`` when given (which may be ``x`` itself). A NaN threshold keeps nothing (x * 0).
+
+    One pass, with no mask: ``torch.hardshrink`` zeroes |x| <= lambda, and with lambda the
+    largest float below the threshold that is exactly |x| < threshold (no float lies between
+    them). Zeroed entries are +0 where the product gives -0 for a negative entry: equal values.
+    """
+    cut = torch.as_tensor(threshold).detach().to("cpu", x.dtype)
+    if torch.isnan(cut):
+        return torch.mul(x, 0, out=out) if out is not None else x * 0
+    below = float(torch.nextafter(cut, cut.new_tensor(float("-inf"))))
+    return torch.hardshrink(x, below, out=out) if out is not None else torch.hardshrink(x, below)
 
 
 def magnitude_prune(x: Tensor, keep: float) -> Tensor:
     """``x`` with all but its top-``keep`` fraction of entries by magnitude set to zero."""
-    mask = magnitude_mask(x, keep)  # first: its temporaries are gone before the copy is made
-    return zero_outside_(x.clone(memory_format=torch.contiguous_format), mask)
+    return keep_at_least(x, magnitude_threshold(x, keep))
 
 
 def thin_svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -144,7 +135,8 @@ def truncated_svd(x: Tensor, rank: int, *, exact: bool = False, oversample: int 
     omega = omega.to(x.device)
     q, _ = torch.linalg.qr(x @ omega)
     for _ in range(niter):  # power iterations, re-orthonormalised each half step for stability
-        z, _ = torch.linalg.qr(x.T @ q)
+        # x^T q as (q^T x)^T: the same product, read along x's rows (up to 2x faster here)
+        z, _ = torch.linalg.qr((q.T @ x).T)
         q, _ = torch.linalg.qr(x @ z)
     b = q.T @ x
     # SVD of the small q x n matrix b through the eigen-decomposition of b b^T (q x q, in
@@ -177,8 +169,9 @@ def lors_prune(x: Tensor, rank: int, keep: float, *,
     u, s, vh = factors if factors is not None else truncated_svd(x, rank, **svd_options)
     scaled_u = u * s
     residual = torch.addmm(x, scaled_u, vh, alpha=-1.0)  # x - L in one pass
-    # R_kept + L, with L never materialised on its own
-    return zero_outside_(residual, magnitude_mask(residual, keep)).addmm_(scaled_u, vh)
+    # R_kept + L, in the residual's memory, with L never materialised on its own
+    cut = magnitude_threshold(residual, keep)
+    return keep_at_least(residual, cut, out=residual).addmm_(scaled_u, vh)
 
 
 def dare_drop(x: Tensor, keep: float, generator: torch.Generator | None = None) -> Tensor:
@@ -196,7 +189,9 @@ def dare_drop(x: Tensor, keep: float, generator: torch.Generator | None = None) 
 
 def elect_sign(stacked: Tensor) -> Tensor:
     """TIES sign election by mass: +1 where the sum over experts (dim 0) is >= 0, else -1."""
-    return torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0).to(stacked.dtype)
+    # in place on the sum: 1.0 / 0.0, then +1 / -1 (a NaN sum is -1, as in the comparison);
+    # several times faster than torch.where with scalars
+    return stacked.sum(dim=0).ge_(0).mul_(2).sub_(1)
 
 
 def disjoint_mean(stacked: Tensor, sign: Tensor, inplace: bool = False) -> Tensor:
@@ -210,23 +205,15 @@ def disjoint_mean(stacked: Tensor, sign: Tensor, inplace: bool = False) -> Tenso
     """
     masked = stacked if inplace else stacked.clone()
     count = torch.zeros(sign.shape, dtype=stacked.dtype, device=stacked.device)  # exact
-    positive, negative = sign > 0, sign < 0  # sign(row) == sign, from masks only: a zero
-    for row in masked:                       # or NaN entry agrees with neither
-        agrees = (row > 0).logical_and_(positive).logical_or_((row < 0).logical_and_(negative))
-        zero_outside_(row, agrees)
-        _add_mask_(count, agrees)
+    agrees = torch.empty_like(sign)
+    for row in masked:
+        # row * sign > 0 exactly where the row is nonzero with the elected sign (sign is +1
+        # or -1; a zero or NaN entry agrees with neither), as 1.0 / 0.0: one float mask for
+        # both the product (NaN * 0 stays NaN, as a mask product) and the count
+        torch.mul(row, sign, out=agrees).gt_(0)
+        row.mul_(agrees)
+        count.add_(agrees)
     return masked.sum(dim=0).div_(count.clamp_(min=1))
-
-
-def _add_mask_(count: Tensor, mask: Tensor) -> Tensor:
-    """``count += mask`` in place; numpy's casts the mask in small buffers, torch's makes a
-    float copy of it."""
-    if (count.device.type == "cpu" and count.dtype in (torch.float32, torch.float64)
-            and count.is_contiguous() and mask.is_contiguous()):
-        array = count.numpy()
-        np.add(array, mask.numpy(), out=array)
-        return count
-    return count.add_(mask)
 
 
 def weighted_sum(stacked: Tensor, weights: Sequence[float]) -> Tensor:
