@@ -13,7 +13,7 @@ from conftest import load_state
 from lors.checkpoint.reader import open_checkpoint
 from lors.cli import main
 from lors.errors import CheckpointError, ConfigError, MergeError
-from lors.merging import core, merge, methods, validate_config
+from lors.merging import core, engine, merge, methods, validate_config
 from lors.merging import primitives as P
 from lors.merging.context import OpContext
 
@@ -194,6 +194,25 @@ def test_unchecked_half_precision_task_vectors_equal_the_checked_ones(tiny_model
         checked = core.task_vectors({"e": expert}, name, base_tensor)[0]
         unchecked = core.task_vectors({"e": expert}, name, base_tensor, check=False)[0]
         assert unchecked.dtype == torch.float32 and torch.equal(checked, unchecked), name
+
+
+@pytest.mark.parametrize("method", ["lors", "ties", "task_arithmetic"])
+def test_the_engines_reused_memory_gives_the_merge_of_fresh_memory(tiny_models, tmp_path,
+                                                                     method):
+    """The engine prunes into recycled buffers (its workspace) and hands them back as soon
+    as they are added; the written merge is bit for bit base + the op's delta computed
+    without any workspace."""
+    config = config_for(tiny_models, tiny_models["experts"], method)
+    merge(config, tmp_path / "out", diagnostics=False, workers=2)
+    written = load_state(tmp_path / "out")
+    plan = engine.plan_merge(config)
+    for entry in plan.entries:
+        base_tensor = core.read_float(plan.base, "base", entry.name)
+        if entry.op == core.COPY:
+            continue
+        taus = core.task_vectors(plan.experts, entry.name, base_tensor)
+        delta, _ = core.merged_delta(entry, taus, plan.weights, plan.params)
+        assert torch.equal(written[entry.name], base_tensor + delta), entry.name
 
 
 # ---------------------------------------------------------------------------- --device

@@ -72,6 +72,23 @@ class OpContext:
     # for calibration and diagnostics): an op that is done with an expert's task vector may
     # drop it from the list it was given (:meth:`release`), so it is freed at once.
     release_taus: bool = False
+    # Reused memory for an op's temporaries (the engine's read buffers,
+    # lors.merging.buffers.Buffers): fresh memory costs a page fault per 4 KiB page. None:
+    # new memory, as everywhere else (the search).
+    workspace: object | None = None
+
+    def empty_like(self, tensor: Tensor) -> Tensor | None:
+        """An uninitialised contiguous tensor of ``tensor``'s shape and dtype from the
+        :attr:`workspace`, or None without one (the op then allocates as usual). Hand it
+        back with :meth:`give` once nothing uses it."""
+        if self.workspace is None or tensor.device.type != "cpu":
+            return None
+        return self.workspace.empty(tensor.shape, tensor.dtype)
+
+    def give(self, *tensors: Tensor | None) -> None:
+        """Return memory from :meth:`empty_like` to the workspace (anything else is ignored)."""
+        if self.workspace is not None:
+            self.workspace.give(*tensors)
 
     def release(self, taus: list, expert: int) -> None:
         """Drop ``taus[expert]`` from the list when :attr:`release_taus` (else nothing)."""

@@ -209,14 +209,16 @@ class Combination(NamedTuple):
 def combine(entry: PlanEntry, taus: Sequence[Tensor], weights: Sequence[float], params: dict, *,
             thresholds: Sequence[float] | None = None, map: Callable = map,
             svd_cache: dict | None = None, known: Sequence[Known | None] | None = None,
-            release_taus: bool = False) -> tuple[Combination, dict]:
+            release_taus: bool = False, workspace=None) -> tuple[Combination, dict]:
     """``entry.op``'s combination of ``taus`` before lambda, and what the op recorded;
     ``known`` is what the experts state about their task vectors (:func:`known_parts`).
     ``release_taus``: ``taus`` is a list read for this combination only, from which an op
-    may drop each task vector once it is merged (freed early; the same result)."""
+    may drop each task vector once it is merged (freed early; the same result).
+    ``workspace``: reused memory for the op's temporaries (see :class:`OpContext`)."""
     spec = OPS[entry.op]
     ctx = _context(entry, weights, params, thresholds if spec.global_scope else None,
-                   map=map, svd_cache=svd_cache, known=known, release_taus=release_taus)
+                   map=map, svd_cache=svd_cache, known=known, release_taus=release_taus,
+                   workspace=workspace)
     combined = spec.combine(taus, ctx)
     return (Combination(*combined) if spec.split else Combination(combined)), ctx.stats
 

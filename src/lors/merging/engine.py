@@ -300,8 +300,11 @@ def _merge_one(plan: MergePlan, entry: PlanEntry, inputs: Inputs, dtype: torch.d
     try:
         delta, op_stats = core.merged_delta(entry, taus, plan.weights, plan.params,
                                             thresholds=thresholds, known=known,
-                                            map=pool.map if pool is not None else map)
+                                            map=pool.map if pool is not None else map,
+                                            workspace=buffers)
         merged = base_tensor.add_(delta)
+        if buffers is not None:
+            buffers.give(delta)  # workspace memory the op merged into, when it did
         del delta
         if dtype != merged.dtype:  # the cast .to(dtype) makes, into a reused buffer
             merged = (buffers.empty(merged.shape, dtype) if buffers is not None and

@@ -52,6 +52,8 @@ def sparsify_elect_combine(taus: Sequence[Tensor], ctx: OpContext, sparsify: Spa
             merged = part * weight if part is tau else part.mul_(weight)
         else:
             merged.add_(part, alpha=weight)
+            if part is not tau:
+                ctx.give(part)  # a pruned copy, added: its memory may serve the next one
         ctx.release(taus, i)
         del part, tau
     return merged if merged is not None else torch.zeros(shape, **like)
@@ -149,7 +151,11 @@ def _lors(i: int, tau: Tensor, ctx: OpContext) -> Tensor:
     _record_energy(ctx, i, factors[1], tau)
     if ctx.is_low_rank(i, tau.shape):  # L is the task vector itself: the residual is zero
         return tau
-    return P.lors_prune(tau, len(factors[1]), ctx.params["keep"], factors=factors)
+    scratch = ctx.empty_like(tau)
+    pruned = P.lors_prune(tau, len(factors[1]), ctx.params["keep"], factors=factors,
+                          out=ctx.empty_like(tau), scratch=scratch)
+    ctx.give(scratch)
+    return pruned
 
 
 def _record_energy(ctx: OpContext, expert: int, singular_values: Tensor, tau: Tensor) -> None:

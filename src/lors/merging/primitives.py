@@ -13,16 +13,18 @@ import torch
 from torch import Tensor
 
 
-def kth_largest_magnitude(x: Tensor, k: int) -> Tensor:
+def kth_largest_magnitude(x: Tensor, k: int, *, scratch: Tensor | None = None) -> Tensor:
     """The k-th largest |value| of ``x`` (any shape), 1 <= k <= numel, as a 0-d tensor of
     ``x``'s dtype (NaN counts as the largest, as in a sort).
 
     Exact, and never a full sort: on CPU in float32 an introselect (``numpy.partition``,
     linear time) of |x|'s IEEE-754 bit patterns read as int32, whose order is the order of
     non-negative floats (NaN above +inf) and which compare about 3x faster than floats;
-    elsewhere ``torch.kthvalue``. One temporary of ``x``'s size (|x|, then reordered).
+    elsewhere ``torch.kthvalue``. One temporary of ``x``'s size (|x|, then reordered): new
+    memory, or ``scratch`` (contiguous, of x's size and dtype; overwritten).
     """
-    magnitude = x.detach().abs().reshape(-1)
+    x = x.detach()
+    magnitude = (x.abs() if scratch is None else torch.abs(x, out=scratch)).reshape(-1)
     n = magnitude.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k={k} outside 1..{n}")
@@ -33,19 +35,20 @@ def kth_largest_magnitude(x: Tensor, k: int) -> Tensor:
     return magnitude.kthvalue(n - k + 1).values
 
 
-def magnitude_threshold(x: Tensor, keep: float) -> Tensor:
+def magnitude_threshold(x: Tensor, keep: float, *, scratch: Tensor | None = None) -> Tensor:
     """The cut of :func:`magnitude_mask`: the k-th largest |value| of ``x``, k =
     floor(keep * numel), as a 0-d tensor of ``x``'s dtype, so that the mask is
     ``magnitude_at_least(x, threshold)`` (|x| >= threshold). NaN when k <= 0 (no entry
     compares >= NaN: nothing is kept) and -inf when k >= numel (every entry but NaN is kept;
     the mask keeps NaN entries too). Computed once for a whole tensor, it cuts any block
-    of the tensor's entries exactly as the whole tensor's mask does.
+    of the tensor's entries exactly as the whole tensor's mask does. ``scratch``: see
+    :func:`kth_largest_magnitude`.
     """
     k = int(keep * x.numel())
     if k <= 0 or k >= x.numel():
         return torch.tensor(float("nan") if k <= 0 else float("-inf"), dtype=x.dtype,
                             device=x.device)
-    return kth_largest_magnitude(x, k)
+    return kth_largest_magnitude(x, k, scratch=scratch)
 
 
 def magnitude_mask(x: Tensor, keep: float) -> Tensor:
@@ -157,20 +160,24 @@ def low_rank_approx(x: Tensor, rank: int, **svd_options) -> Tensor:
 
 
 def lors_prune(x: Tensor, rank: int, keep: float, *,
-               factors: tuple[Tensor, Tensor, Tensor] | None = None, **svd_options) -> Tensor:
+               factors: tuple[Tensor, Tensor, Tensor] | None = None, out: Tensor | None = None,
+               scratch: Tensor | None = None, **svd_options) -> Tensor:
     """LoRS-Merging's pruned task vector of one matrix: L + top-k(R).
 
     L = rank-``rank`` truncation U_r diag(S_r) V_r^T of ``x`` (``factors``, when given, are
     those top-``rank`` triplets, e.g. from a cache; else :func:`truncated_svd` with
     ``svd_options``); R = x - L; the k = floor(keep * numel) entries of R with the largest
     |value| are kept (ties with the k-th all kept) and the rest zeroed; no sign election, no
-    rescaling. ``x`` is not modified.
+    rescaling. ``x`` is not modified. The result is written into ``out`` when given, and
+    ``scratch`` holds the top-k's temporary (both contiguous, of x's shape and dtype: memory
+    the caller reuses rather than new pages).
     """
     u, s, vh = factors if factors is not None else truncated_svd(x, rank, **svd_options)
     scaled_u = u * s
-    residual = torch.addmm(x, scaled_u, vh, alpha=-1.0)  # x - L in one pass
+    residual = (torch.addmm(x, scaled_u, vh, alpha=-1.0) if out is None  # x - L in one pass
+                else torch.addmm(x, scaled_u, vh, alpha=-1.0, out=out))
     # R_kept + L, in the residual's memory, with L never materialised on its own
-    cut = magnitude_threshold(residual, keep)
+    cut = magnitude_threshold(residual, keep, scratch=scratch)
     return keep_at_least(residual, cut, out=residual).addmm_(scaled_u, vh)
 
 
