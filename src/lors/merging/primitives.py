@@ -40,7 +40,7 @@ def magnitude_threshold(x: Tensor, keep: float, *, scratch: Tensor | None = None
     floor(keep * numel), as a 0-d tensor of ``x``'s dtype, so that the mask is
     ``magnitude_at_least(x, threshold)`` (|x| >= threshold). NaN when k <= 0 (no entry
     compares >= NaN: nothing is kept) and -inf when k >= numel (every entry but NaN is kept;
-    the mask keeps NaN entries too). Computed once for a whole tensor, it cuts any block
+    a NaN entry of x stays NaN in the pruned tensor all the same, as in the mask product). Computed once for a whole tensor, it cuts any block
     of the tensor's entries exactly as the whole tensor's mask does. ``scratch``: see
     :func:`kth_largest_magnitude`.
     """
