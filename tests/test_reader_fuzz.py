@@ -1,50 +1,30 @@
-"""Corrupted-byte fuzzing of the safetensors and CTranslate2 readers.
+"""Corrupted-byte fuzzing of the safetensors reader (the CTranslate2 reader's:
+test_reader_fuzz_ct2.py).
 
 Every test starts from a small valid file, corrupts it (flipped bytes, truncation, appended
-garbage, a rewritten header length, size field or JSON header) and reads everything back.
-The reader must either succeed (a flipped byte in tensor data is still a valid file, only
-the numbers differ) or raise CheckpointError naming the file; any other exception fails.
-Runs are derandomized, so a failure reproduces; the explicit cases at the end of each half
-are the defects found (by these properties or by reading the readers), kept as regression
-tests.
+garbage, a rewritten header length or JSON header) and reads everything back. The reader
+must either succeed (a flipped byte in tensor data is still a valid file, only the numbers
+differ) or raise CheckpointError naming the file; any other exception fails. Runs are
+derandomized, so a failure reproduces; the explicit cases at the end are the defects found
+(by these properties or by reading the reader), kept as regression tests.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save
 
-from lors.checkpoint.ctranslate2 import read_ctranslate2
+from fuzz_helpers import FLIPS, FUZZ, TEXT, flip, workdir  # noqa: F401 (workdir: a fixture)
 from lors.checkpoint.reader import open_checkpoint
 from lors.checkpoint.safetensors_io import SafetensorsFile
 from lors.errors import CheckpointError
-from test_ctranslate2_reader import ALIASES, VARIABLES, ct2_bytes
-
-# too_slow: generation time varies on a loaded 2-core machine; the run stays bounded anyway.
-FUZZ = settings(derandomize=True, deadline=None, database=None, max_examples=150,
-                suppress_health_check=[HealthCheck.too_slow])
-# A fixed alphabet keeps hypothesis from building (and caching on disk) its unicode tables,
-# while still covering quotes, escapes, NUL, non-ASCII and a lone surrogate.
-UTF8_CHARS = list('ab_./0"\\\0\n é€\U0001f600')
-TEXT = st.text(alphabet=st.sampled_from(UTF8_CHARS + ["\ud800"]), max_size=6)
-UTF8_TEXT = st.text(alphabet=st.sampled_from(UTF8_CHARS), max_size=6)  # CTranslate2 names
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    """One folder per module; every example overwrites its own file in it."""
-    folder = tmp_path_factory.mktemp("fuzz")
-    (folder / "config.json").write_text(json.dumps({"model_type": "whisper"}))
-    return folder
 
 
 # --------------------------------------------------------------------------- safetensors
@@ -83,14 +63,6 @@ def _with_raw_header(raw: bytes, data: bytes = ST_DATA) -> bytes:
     return struct.pack("<Q", len(raw)) + raw + data
 
 
-def _flip(data: bytes, lo: int, hi: int, flips: list[tuple[int, int]]) -> bytes:
-    """``data`` with byte ``lo + p % (hi - lo)`` set to ``v`` for each ``(p, v)``."""
-    out = bytearray(data)
-    for pos, value in flips:
-        out[lo + pos % (hi - lo)] = value
-    return bytes(out)
-
-
 def read_safetensors(path: Path, data: bytes) -> bool:
     """Write ``data`` to ``path`` and read every tensor; False if it raised CheckpointError."""
     path.write_bytes(data)
@@ -119,9 +91,6 @@ def read_folder(folder: Path, data: bytes) -> bool:
     return True
 
 
-FLIPS = st.lists(st.tuples(st.integers(0, 2**20),
-                           st.integers(0, 255) | st.sampled_from([0x00, 0x20, 0x22, 0x7B, 0xFF])),
-                 min_size=1, max_size=6)
 SCALARS = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**64), 2**64), st.floats(), TEXT,
     st.sampled_from(["F32", "F16", "BF16", "I8", "U8", "BOOL", "F8_E4M3", "U64", "f32", ""]),
@@ -140,13 +109,13 @@ KEEP = st.just("keep")
 @FUZZ
 @given(flips=FLIPS)
 def test_safetensors_flipped_bytes_anywhere(workdir, flips):
-    read_safetensors(workdir / "flip.safetensors", _flip(ST_VALID, 0, len(ST_VALID), flips))
+    read_safetensors(workdir / "flip.safetensors", flip(ST_VALID, 0, len(ST_VALID), flips))
 
 
 @FUZZ
 @given(flips=FLIPS)
 def test_safetensors_flipped_header_bytes(workdir, flips):
-    data = _flip(ST_VALID, 8, 8 + ST_HEADER_LEN, flips)
+    data = flip(ST_VALID, 8, 8 + ST_HEADER_LEN, flips)
     read_safetensors(workdir / "header.safetensors", data)
 
 
@@ -154,7 +123,7 @@ def test_safetensors_flipped_header_bytes(workdir, flips):
 @given(flips=FLIPS)
 def test_safetensors_flipped_data_bytes_still_read(workdir, flips):
     # The header is intact, so the file stays valid: only the numbers change.
-    data = _flip(ST_VALID, 8 + ST_HEADER_LEN, len(ST_VALID), flips)
+    data = flip(ST_VALID, 8 + ST_HEADER_LEN, len(ST_VALID), flips)
     assert read_safetensors(workdir / "data.safetensors", data)
 
 
@@ -247,7 +216,7 @@ def test_safetensors_header_text_spliced(workdir, start, size, junk):
 
 
 MUTANTS = st.one_of(
-    FLIPS.map(lambda f: _flip(ST_VALID, 0, len(ST_VALID), f)),
+    FLIPS.map(lambda f: flip(ST_VALID, 0, len(ST_VALID), f)),
     st.integers(0, len(ST_VALID) - 1).map(lambda n: ST_VALID[:n]),
     st.integers(0, 2**64 - 1).map(lambda n: struct.pack("<Q", n) + ST_VALID[8:]),
     st.tuples(st.sampled_from(ST_NAMES), SHAPES).map(
@@ -344,184 +313,3 @@ def test_safetensors_file_removed_after_open(workdir):
     path.unlink()
     with pytest.raises(CheckpointError, match="gone.safetensors"):
         handle.read(ST_NAMES[0])
-
-
-# --------------------------------------------------------------------------- CTranslate2
-
-CT2_VALID = ct2_bytes(VARIABLES, ALIASES)
-
-
-def _ct2_fields(data: bytes) -> list[tuple[int, str]]:
-    """``(offset, struct format)`` of every number in a valid file: sizes, counts, ids."""
-    fields, pos = [], 0
-
-    def take(fmt: str) -> int:
-        nonlocal pos
-        fields.append((pos, fmt))
-        (value,) = struct.unpack_from(fmt, data, pos)
-        pos += struct.calcsize(fmt)
-        return value
-
-    def skip(count: int) -> None:
-        nonlocal pos
-        pos += count
-
-    take("<I")
-    skip(take("<H"))  # spec name
-    take("<I")
-    for _ in range(take("<I")):
-        skip(take("<H"))  # variable name
-        for _ in range(take("<B")):
-            take("<I")
-        take("<B")
-        skip(take("<I"))  # data
-    for _ in range(take("<I")):
-        skip(take("<H"))
-        skip(take("<H"))
-    assert pos == len(data)
-    return fields
-
-
-CT2_FIELDS = _ct2_fields(CT2_VALID)
-
-
-def read_ct2(path: Path, data: bytes) -> bool:
-    """Write ``data``, parse it, touch every array and alias; False on CheckpointError."""
-    path.write_bytes(data)
-    try:
-        model = read_ctranslate2(path)
-    except CheckpointError as exc:
-        assert str(path) in str(exc), f"the message does not name the file: {exc}"
-        return False
-    for arr in model.variables.values():
-        np.array(arr, copy=True)
-    for alias in model.aliases:
-        try:
-            model.resolve(alias)
-        except CheckpointError:
-            pass  # a flipped alias name or target: resolve says which is missing
-    return True
-
-
-@settings(FUZZ, max_examples=300)
-@given(flips=FLIPS)
-def test_ct2_flipped_bytes(workdir, flips):
-    read_ct2(workdir / "flip.bin", _flip(CT2_VALID, 0, len(CT2_VALID), flips))
-
-
-@settings(FUZZ, max_examples=60)
-@given(length=st.integers(0, len(CT2_VALID) - 1))
-def test_ct2_truncated_is_refused(workdir, length):
-    assert not read_ct2(workdir / "cut.bin", CT2_VALID[:length])
-
-
-@settings(FUZZ, max_examples=30)
-@given(garbage=st.binary(min_size=1, max_size=64))
-def test_ct2_appended_garbage_is_refused(workdir, garbage):
-    assert not read_ct2(workdir / "tail.bin", CT2_VALID + garbage)
-
-
-@settings(FUZZ, max_examples=300)
-@given(index=st.integers(0, len(CT2_FIELDS) - 1), value=st.integers(0, 2**32 - 1)
-       | st.integers(0, 300) | st.sampled_from([65, 255, 2**16 - 1, 2**31, 2**32 - 1]))
-def test_ct2_size_count_or_id_rewritten(workdir, index, value):
-    offset, fmt = CT2_FIELDS[index]
-    data = bytearray(CT2_VALID)
-    struct.pack_into(fmt, data, offset, value % (1 << (8 * struct.calcsize(fmt))))
-    read_ct2(workdir / "field.bin", bytes(data))
-
-
-# Arrays ct2_bytes takes per dtype id (bfloat16, id 5, is cut from float32 values).
-_NP_DTYPES = {0: "<f4", 1: "i1", 2: "<i2", 3: "<i4", 4: "<f2", 5: "<f4"}
-
-
-@st.composite
-def ct2_variables(draw) -> list[tuple[str, np.ndarray, int]]:
-    """Valid files with random names (scale pairs likely), shapes, dtypes and bit patterns."""
-    variables = []
-    for _ in range(draw(st.integers(0, 4))):
-        name = draw(st.sampled_from(["w", "w_scale", "w_scale_scale", "v_scale"]) | UTF8_TEXT)
-        dtype_id = draw(st.integers(0, 5))
-        shape = tuple(draw(st.lists(st.integers(0, 3), max_size=3)))
-        size = int(np.prod(shape)) * np.dtype(_NP_DTYPES[dtype_id]).itemsize
-        raw = draw(st.binary(min_size=size, max_size=size))
-        variables.append((name, np.frombuffer(raw, _NP_DTYPES[dtype_id]).reshape(shape),
-                          dtype_id))
-    return variables
-
-
-@settings(FUZZ, max_examples=150)
-@given(variables=ct2_variables(), aliases=st.dictionaries(UTF8_TEXT, UTF8_TEXT, max_size=3))
-def test_ct2_random_models(workdir, variables, aliases):
-    data = ct2_bytes(variables, aliases)
-    read_ct2(workdir / "random.bin", data)
-
-
-def _ct2_record(name: str, shape: tuple[int, ...], dtype_id: int, nbytes: int) -> bytes:
-    """One variable record declaring ``shape`` and ``nbytes``, followed by ``nbytes`` bytes."""
-    raw = name.encode() + b"\0"
-    return (struct.pack("<H", len(raw)) + raw + struct.pack(f"<B{len(shape)}I", len(shape), *shape)
-            + struct.pack("<BI", dtype_id, nbytes) + bytes(range(256)) * (nbytes // 256)
-            + bytes(range(nbytes % 256)))
-
-
-def _ct2_file(record: bytes) -> bytes:
-    """A version-6 file holding ``record`` as its only variable, and no aliases."""
-    return struct.pack("<IH", 6, 2) + b"S\0" + struct.pack("<II", 1, 1) + record + bytes(4)
-
-
-@settings(FUZZ, max_examples=200)
-@given(rank=st.integers(0, 3) | st.integers(0, 255),
-       dims=st.lists(st.sampled_from([0, 1, 2, 3, 2**16, 2**31, 2**32 - 1])
-                     | st.integers(0, 2**32 - 1), max_size=255),
-       dtype_id=st.integers(0, 5) | st.integers(0, 255), nbytes=st.none() | st.integers(0, 64))
-def test_ct2_variable_record_with_absurd_shape(workdir, rank, dims, dtype_id, nbytes):
-    shape = tuple((dims + [1] * rank)[:rank])
-    if nbytes is None:
-        # The size the shape needs (when small), so only the shape checks can refuse it.
-        needed = {0: 4, 1: 1, 2: 2, 3: 4, 4: 2, 5: 2}.get(dtype_id, 4) * math.prod(shape)
-        nbytes = needed if needed <= 4096 else 0
-    read_ct2(workdir / "record.bin", _ct2_file(_ct2_record("x", shape, dtype_id, nbytes)))
-
-
-# Defects of the reader before it was hardened, as for HEADER_CASES.
-CT2_CASES = {
-    # (fuzz) ValueError: maximum supported dimension for an ndarray is currently 64, found 65
-    "rank 65": (_ct2_record("x", (1,) * 65, 0, 4), "dimensions"),
-    # (fuzz) ValueError: array is too big (an empty array with huge dims)
-    "huge empty tensor": (_ct2_record("x", (0, 2**32 - 1, 2**32 - 1), 0, 0), "shape"),
-    # (review) ValueError: cannot reshape array of size 0: np.prod in int64 wrapped
-    # 2**31 * 2**31 * 4 around to 0, which matched the declared 0 bytes
-    "size overflows int64": (_ct2_record("x", (2**31, 2**31, 4), 1, 0), "shape"),
-    # (review) accepted; numpy 1.x (which lors supports) allows 32 dimensions
-    "rank 33": (_ct2_record("x", (1,) * 33, 0, 4), "dimensions"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(CT2_CASES))
-def test_ct2_shape_defects_stay_fixed(workdir, case):
-    record, message = CT2_CASES[case]
-    path = workdir / "case.bin"
-    path.write_bytes(_ct2_file(record))
-    with pytest.raises(CheckpointError, match=message) as info:
-        read_ctranslate2(path)
-    assert str(path) in str(info.value)
-
-
-@pytest.mark.parametrize("scale", [0.0, float("nan"), 1e-38, -1e-40])
-def test_ct2_corrupt_scales_are_refused(workdir, scale):
-    # (fuzz) a flipped scale byte gave a denormal scale: RuntimeWarning "overflow encountered
-    # in divide" and Inf weights (an exception under -W error); (review) NaN gave NaN weights.
-    q = np.array([[127, -1], [3, 4]], np.int8)
-    path = workdir / "scale.bin"
-    path.write_bytes(ct2_bytes([("w", q, 1), ("w_scale", np.array([2.0, scale], np.float32), 0)]))
-    with pytest.raises(CheckpointError, match=r"scale 'w_scale' contains zeros, NaN or values"):
-        read_ctranslate2(path)
-
-
-def test_ct2_infinite_scale_of_an_all_zero_tensor_reads_as_zeros(workdir):
-    # CTranslate2 writes scale = 2**10 / max|w| for int16, which is Inf for an all-zero tensor.
-    path = workdir / "zeros.bin"
-    path.write_bytes(ct2_bytes([("w", np.zeros(3, np.int16), 2),
-                                ("w_scale", np.array(np.inf, np.float32), 0)]))
-    assert read_ctranslate2(path).variables["w"].tolist() == [0.0, 0.0, 0.0]
