@@ -16,6 +16,9 @@ One run measures, on this machine:
     it prunes: the CPU LoRS must add to task arithmetic's, whatever the engine does
   - with --svd-niter-row N, also LoRS with N power iterations instead of 2 (fewer passes over
     each matrix: faster, and a different, less exact low-rank part)
+  - with --device cuda, also task arithmetic, LoRS and TIES merged on the GPU (``lors merge
+    --device cuda``: read on the CPU, merged on the GPU, written from the CPU) against the same
+    merge on the CPU, and how close the GPU's merged LoRS and TIES are to the CPU's
 Each merge (and the floor) runs in its own process, so its time and its peak resident memory
 (VmHWM) are its own; times exclude interpreter start and imports. The machine is noisy, so
 the runs alternate in rounds (floor, TA, LoRS, TIES, TA, LoRS with diagnostics) and each
@@ -25,6 +28,7 @@ ratio is the median over rounds of the ratio within a round (back-to-back runs).
     python benchmarks/bench_merge.py --shape large-v3 --dtype float16 --repeats 1
     python benchmarks/bench_merge.py --naive   # also the research-code LoRS (small only)
     python benchmarks/bench_merge.py --svd-niter-row 0
+    python benchmarks/bench_merge.py --device cuda   # on a machine with a GPU
 
 Models are written to --workdir (kept) or a temporary folder (removed at the end); large-v3
 in float16 needs about 3.1 GB per model (6 models + one output: ~22 GB of disk).
@@ -108,14 +112,14 @@ def run_floor(root: Path, experts: int, out: Path) -> dict:
 
 
 def run_lors(root: Path, method: str, experts: int, out: Path, diagnostics: bool,
-             parameters: dict | None = None) -> dict:
+             parameters: dict | None = None, device: str = "cpu") -> dict:
     from lors.merging import merge, validate_config
     cfg = validate_config({"base": str(root / "base"), "method": method,
                            "parameters": parameters or {},
                            "experts": [{"name": f"e{i}", "path": str(root / f"e{i}")}
                                        for i in range(experts)]})
     start = time.perf_counter()
-    merge(cfg, out, force=True, diagnostics=diagnostics)
+    merge(cfg, out, force=True, diagnostics=diagnostics, device=device)
     return {"seconds": time.perf_counter() - start}
 
 
@@ -149,6 +153,7 @@ def run_naive(root: Path, experts: int, out: Path) -> dict:
 def child(args: argparse.Namespace) -> None:
     root, out = Path(args.workdir), Path(args.workdir) / f"out-{args.child.replace(':', '-')}"
     shutil.rmtree(out, ignore_errors=True)  # not timed: a merge into a fresh directory
+    keep = args.child.endswith(":keep")  # the device comparison reads the merged model after
     if args.child != "runtime":
         import lors.merging  # noqa: F401  (imports are not counted in the CPU time either)
         import safetensors.torch  # noqa: F401
@@ -165,12 +170,16 @@ def child(args: argparse.Namespace) -> None:
         method, *flags = args.child.split(":")  # e.g. lors:nodiag:niter0
         parameters = {"svd": "exact"} if "exact" in flags else {}
         parameters.update({"svd_niter": int(f[5:]) for f in flags if f.startswith("niter")})
+        device = "cuda" if "cuda" in flags else "cpu"
+        if device == "cuda":  # CUDA's start-up is not the merge's time
+            torch.zeros(1, device=device)
         result = run_lors(root, method, args.experts, out, diagnostics="nodiag" not in flags,
-                          parameters=parameters)
+                          parameters=parameters, device=device)
     result["peak_rss"] = peak_rss_bytes()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result["cpu"] = usage.ru_utime + usage.ru_stime - args.cpu_before
-    shutil.rmtree(out, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
     print("RESULT " + json.dumps(result))
 
 
@@ -228,6 +237,38 @@ def lors_step_costs(shape: dict, repeats: int = 5) -> dict[str, float]:
         torch.set_num_threads(previous)
 
 
+def compare_devices(args: argparse.Namespace, workdir: Path, methods: list[str]) -> None:
+    """Merge each method once on the CPU and once on the GPU and print how close the two
+    merged models are: rounding differs between the devices, so a top-k may keep another
+    entry at its threshold (the tests ask for 99.5 % of each tensor's entries within
+    rtol 1e-4, atol 1e-5)."""
+    from safetensors import safe_open
+    print("\nGPU against CPU, merged models (entries within rtol 1e-4, atol 1e-5):")
+    for method in methods:
+        outs = {}
+        for device in ("cpu", "cuda"):
+            what = f"{method}:nodiag" + (":cuda" if device == "cuda" else "") + ":keep"
+            measure(args, workdir, what, args.experts)
+            outs[device] = workdir / f"out-{what.replace(':', '-')}"
+        worst, worst_name, largest = 1.0, "", 0.0
+        files = {device: [safe_open(f, "pt") for f in sorted(out.glob("*.safetensors"))]
+                 for device, out in outs.items()}
+        where = {device: {name: f for f in opened for name in f.keys()}
+                 for device, opened in files.items()}
+        for name, cpu_file in where["cpu"].items():
+            expected = cpu_file.get_tensor(name).float()
+            got = where["cuda"][name].get_tensor(name).float()
+            close = torch.isclose(got, expected, rtol=1e-4, atol=1e-5).float().mean().item()
+            largest = max(largest, (got - expected).abs().max().item())
+            if close < worst:
+                worst, worst_name = close, name
+        del files, where
+        print(f"  {method:<16} worst tensor {worst * 100:.3f} % close ({worst_name or 'all'}), "
+              f"largest difference {largest:.2e}")
+        for out in outs.values():
+            shutil.rmtree(out, ignore_errors=True)
+
+
 def model_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
@@ -254,7 +295,12 @@ def main() -> None:
     parser.add_argument("--svd-niter-row", type=int, metavar="N",
                         help="also LoRS with svd_niter N (fewer passes over each matrix; "
                              "a numerical change, the default is 2)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: also merge on the GPU and compare with the CPU's merge")
     args = parser.parse_args()
+    if args.device == "cuda" and not args.child and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is visible (torch.cuda.is_available() is "
+                 "False); run it on a machine with a GPU, or drop --device")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
@@ -280,6 +326,9 @@ def main() -> None:
     rounds += ["task_arithmetic", "lors"] if args.diag_pair else []
     fewer_passes = f"lors:nodiag:niter{args.svd_niter_row}"
     rounds += [fewer_passes] if args.svd_niter_row is not None else []
+    on_gpu = {m: f"{m}:nodiag:cuda" for m in ["task_arithmetic", "lors"]
+              + (["ties"] if args.ties else [])} if args.device == "cuda" else {}
+    rounds += list(on_gpu.values())
     runs: dict[str, list[dict]] = {}
     for _ in range(args.repeats):
         for what in rounds:
@@ -318,6 +367,10 @@ def main() -> None:
              TARGETS["ties/ta"])
         line("peak RSS TIES / task arithmetic", ratios("ties:nodiag", "task_arithmetic:nodiag",
                                                       "peak_rss"), TARGETS["ties/ta rss"])
+    for method, gpu in on_gpu.items():
+        pair(f"{method} on the GPU / on the CPU", gpu, f"{method}:nodiag")
+    if on_gpu:
+        compare_devices(args, workdir, [m for m in on_gpu if m != "task_arithmetic"])
     # Why LoRS / TA is where it is: its own steps' CPU, per entry, times the entries it prunes
     costs = lors_step_costs(shape)
     entries = matrix_entries(shape) * args.experts
