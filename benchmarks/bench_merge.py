@@ -18,7 +18,8 @@ One run measures, on this machine:
     each matrix: faster, and a different, less exact low-rank part)
   - with --device cuda, also task arithmetic, LoRS and TIES merged on the GPU (``lors merge
     --device cuda``: read on the CPU, merged on the GPU, written from the CPU) against the same
-    merge on the CPU, and how close the GPU's merged LoRS and TIES are to the CPU's
+    merge on the CPU, the GPU's peak memory (a few tensors: the merge streams there too), and
+    how close the GPU's merged LoRS and TIES are to the CPU's
 Each merge (and the floor) runs in its own process, so its time and its peak resident memory
 (VmHWM) are its own; times exclude interpreter start and imports. The machine is noisy, so
 the runs alternate in rounds (floor, TA, LoRS, TIES, TA, LoRS with diagnostics) and each
@@ -175,6 +176,8 @@ def child(args: argparse.Namespace) -> None:
             torch.zeros(1, device=device)
         result = run_lors(root, method, args.experts, out, diagnostics="nodiag" not in flags,
                           parameters=parameters, device=device)
+        if device == "cuda":  # streamed: a few tensors on the GPU, never the model
+            result["gpu_peak"] = torch.cuda.max_memory_allocated()
     result["peak_rss"] = peak_rss_bytes()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result["cpu"] = usage.ru_utime + usage.ru_stime - args.cpu_before
@@ -194,8 +197,10 @@ def measure(args: argparse.Namespace, workdir: Path, what: str, experts: int) ->
         sys.exit(f"{what} failed:\n{proc.stderr[-3000:]}")
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
     result = json.loads(line[7:])
+    gpu = (f"  peak GPU memory {result['gpu_peak'] / 2**30:6.2f} GiB"
+           if "gpu_peak" in result else "")
     print(f"  {what:<22} experts={experts}  {result['seconds']:8.2f} s  "
-          f"(CPU {result['cpu']:6.2f} s)  peak RSS {result['peak_rss'] / 2**30:6.2f} GiB",
+          f"(CPU {result['cpu']:6.2f} s)  peak RSS {result['peak_rss'] / 2**30:6.2f} GiB{gpu}",
           flush=True)
     return result
 

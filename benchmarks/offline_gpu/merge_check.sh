@@ -3,8 +3,8 @@
 #   1. the CUDA tests: a merge on the GPU equals the CPU's within tolerance (5 methods); on a
 #      machine without a GPU they are skipped;
 #   2. bench_merge.py --device cuda: the I/O floor and each merge on the CPU (that machine's
-#      cores) and on the GPU, in the same run, and how close the GPU's merged LoRS and TIES
-#      are to the CPU's.
+#      cores) and on the GPU, in the same run, the GPU's peak memory, and how close the GPU's
+#      merged LoRS and TIES are to the CPU's.
 # Logs go to $OUT (the device tool's folder that comes back), else ./gpu-check.
 #
 # The machine's python3 has torch, transformers, safetensors, numpy, pyyaml and pytest but no
